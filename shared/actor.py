@@ -1,0 +1,81 @@
+"""The service base: one asyncio loop (uvloop) owns the service's state.
+
+SIGINT / SIGTERM set an event; `run` then drains the bus and returns. Resources opened in `start`
+go on the exit stack and close in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import uvloop
+
+from shared.bus import Bus
+from shared.config import ServerArgs
+from shared.log import setup_logging
+from shared.subjects import Subjects
+
+
+class Service:
+    name = "service"
+
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+        self.subjects = Subjects(args.ns)
+        self.log = logging.getLogger(self.name)
+        self.stopping = asyncio.Event()
+        self.stack = contextlib.AsyncExitStack()
+        self.bus: Bus
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Subscribe and start background tasks. Called once the bus is connected."""
+
+    async def stop(self) -> None:
+        """Release what `start` took that the exit stack does not hold."""
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task failed: %r", task.exception())
+            self.stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        async with self.stack:
+            self.bus = await Bus.connect(self.args.nats_url, name=self.name)
+            self.stack.push_async_callback(self.bus.close)
+            await self.start()
+            self.log.info("started nats=%s ns=%s", self.args.nats_url, self.args.ns)
+            await self.stopping.wait()
+            self.log.info("stopping")
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.stop()
+        self.log.info("stopped")
+
+
+def main(service_cls: type[Service], argv: list[str] | None = None) -> None:
+    args = ServerArgs.parse(argv, prog=f"python -m services.{service_cls.name}")
+    setup_logging(service_cls.name, args.log_level)
+    if not args.nats_url:
+        args = _with_default_nats(args)
+    uvloop.run(service_cls(args).run())
+
+
+def _with_default_nats(args: ServerArgs) -> ServerArgs:
+    import dataclasses
+
+    return dataclasses.replace(args, nats_url="nats://127.0.0.1:4222")

@@ -1,0 +1,113 @@
+"""The NATS bus: connect with reconnect, typed publish / subscribe, request / reply.
+
+Every payload is a msgspec Struct in msgpack. A payload that does not decode as the subject's type
+is logged with its subject and dropped; a handler that raises is logged; neither stops the service.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from shared.messages import encode
+
+T = TypeVar("T")
+log = logging.getLogger("bus")
+
+Handler = Callable[[T], Awaitable[None]]
+Responder = Callable[[T], Awaitable[msgspec.Struct]]
+
+
+class Bus:
+    def __init__(self, nc: Client, name: str) -> None:
+        self.nc = nc
+        self.name = name
+        self.dropped = 0  # messages that failed to decode
+
+    @classmethod
+    async def connect(cls, url: str, name: str, **options: Any) -> Bus:
+        async def on_error(e: Exception) -> None:
+            log.warning("nats error: %r", e)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected url=%s", nc.connected_url.netloc if nc.connected_url else "?")
+
+        nc = await nats.connect(
+            servers=[url],
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            pending_size=64 * 1024 * 1024,
+            **options,
+        )
+        return cls(nc, name)
+
+    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
+        await self.nc.publish(subject, encode(msg))
+
+    async def subscribe(
+        self, subject: str, kind: type[T], handler: Handler[T], queue: str = ""
+    ) -> Subscription:
+        decoder = msgspec.msgpack.Decoder(kind)
+
+        async def on_msg(msg: Msg) -> None:
+            item = self._decode(decoder, msg)
+            if item is None:
+                return
+            try:
+                await handler(item)
+            except Exception:
+                log.exception("handler failed subject=%s", msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg, pending_msgs_limit=1_000_000)
+
+    async def serve(self, subject: str, kind: type[T], responder: Responder[T], queue: str = "") -> Subscription:
+        """Request / reply: the responder's Struct is the reply."""
+        decoder = msgspec.msgpack.Decoder(kind)
+
+        async def on_msg(msg: Msg) -> None:
+            item = self._decode(decoder, msg)
+            if item is None or not msg.reply:
+                return
+            try:
+                reply = await responder(item)
+            except Exception:
+                log.exception("responder failed subject=%s", msg.subject)
+                return
+            await msg.respond(encode(reply))
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def request(self, subject: str, msg: msgspec.Struct, kind: type[T], timeout: float = 1.0) -> T:
+        reply = await self.nc.request(subject, encode(msg), timeout=timeout)
+        return msgspec.msgpack.decode(reply.data, type=kind)
+
+    def _decode(self, decoder: msgspec.msgpack.Decoder[Any], msg: Msg) -> Any:
+        try:
+            return decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.dropped += 1
+            log.warning("dropped undecodable message subject=%s bytes=%d error=%s", msg.subject, len(msg.data), e)
+            return None
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()

@@ -1,0 +1,118 @@
+"""Server arguments: SGLang's flag names, every flag also settable as env `DPSERVE_<FLAG>`.
+
+One frozen dataclass built once per process. Each service reads the fields it needs; the launcher
+passes the same flags on to every child, and containers set them through the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+LOAD_BALANCE_METHODS = (
+    "round_robin",
+    "total_requests",
+    "shortest_queue",
+    "total_tokens",
+    "minimum_tokens",
+    "power_of_two",
+    "random",
+    "cache_aware",
+)
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str = ""  # empty: the tiny model dpserve creates in its cache dir
+    served_model_name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 30000
+    nats_url: str = ""  # empty for `serve`: start an embedded nats-server
+    nats_subject_prefix: str = "dpserve"
+    dp_size: int = 1
+    tp_size: int = 1
+    dp_rank: int = 0  # scheduler only: which DP rank this process serves
+    load_balance_method: str = "round_robin"
+    max_running_requests: int = 64
+    max_total_tokens: int = 0  # 0: derived from the model's context length
+    context_length: int = 0  # 0: the model's max_position_embeddings
+    max_queued_requests: int = 1024  # gateway: requests in progress before it answers 503
+    request_timeout: float = 600.0  # seconds before the gateway ends a request with an error
+    heartbeat_interval: float = 0.1  # seconds between load reports when nothing changes
+    dead_rank_timeout: float = 1.0  # seconds without a load report before a rank is dead
+    torch_threads: int = 0  # 0: torch's default
+    dtype: str = "float32"
+    device: str = "cpu"
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ns(self) -> str:
+        return self.nats_subject_prefix
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model_path)) or "dpserve-tiny"
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            env = "DPSERVE_" + f.name.upper()
+            default = os.environ.get(env, f.default)
+            kind = type(f.default)
+            if kind is bool:
+                parser.add_argument(flag, action="store_true", default=_as_bool(default))
+            else:
+                kwargs: dict[str, Any] = {"type": kind, "default": kind(default)}
+                if f.name == "load_balance_method":
+                    kwargs["choices"] = LOAD_BALANCE_METHODS
+                parser.add_argument(flag, **kwargs, help=f"(env {env})")
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        args = cls(**{k: v for k, v in vars(ns).items() if k in names})
+        args.check()
+        return args
+
+    @classmethod
+    def parse(cls, argv: list[str] | None = None, prog: str | None = None) -> ServerArgs:
+        parser = argparse.ArgumentParser(prog=prog)
+        cls.add_cli_args(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    def check(self) -> None:
+        if self.dp_size < 1 or self.tp_size < 1:
+            raise ValueError("--dp-size and --tp-size must be >= 1")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"--dp-rank {self.dp_rank} is outside [0, {self.dp_size})")
+        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+            raise ValueError(f"unknown --load-balance-method {self.load_balance_method}")
+
+    def to_cli(self, **overrides: Any) -> list[str]:
+        """The flags that reproduce these args (with overrides) in a child process."""
+        out: list[str] = []
+        values = dataclasses.asdict(self) | overrides
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = values[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    out.append(flag)
+            else:
+                out += [flag, str(value)]
+        return out
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)

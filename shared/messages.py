@@ -1,0 +1,225 @@
+"""Every message that crosses the bus, as msgspec Structs encoded with msgpack.
+
+One boundary per section. Structs are `kw_only` and `omit_defaults` so that fields can be added
+later without breaking older peers; control messages form a tagged union.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import Struct, field
+
+
+class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """SGLang's `sampling_params`, with SGLang's defaults."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: the whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = None
+
+    def check(self) -> str | None:
+        """Returns what is wrong with these parameters, or None."""
+        if self.max_new_tokens < 0:
+            return "max_new_tokens must be >= 0"
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            return "min_new_tokens must be between 0 and max_new_tokens"
+        if self.temperature < 0:
+            return "temperature must be >= 0"
+        if not 0 < self.top_p <= 1:
+            return "top_p must be in (0, 1]"
+        if self.top_k == 0 or self.top_k < -1:
+            return "top_k must be -1 (disabled) or >= 1"
+        if not 0 <= self.min_p <= 1:
+            return "min_p must be in [0, 1]"
+        if not -2 <= self.frequency_penalty <= 2:
+            return "frequency_penalty must be in [-2, 2]"
+        if not -2 <= self.presence_penalty <= 2:
+            return "presence_penalty must be in [-2, 2]"
+        if not 0 < self.repetition_penalty <= 2:
+            return "repetition_penalty must be in (0, 2]"
+        if any(not s for s in self.stop):
+            return "stop strings must not be empty"
+        if any(t < 0 for t in self.stop_token_ids):
+            return "stop_token_ids must be >= 0"
+        return None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+# --- gateway -> tokenizer -------------------------------------------------------------------
+
+
+class GenerateRequest(Struct, kw_only=True, omit_defaults=True):
+    rid: str
+    gateway_id: str  # replies go to subjects.out(gateway_id)
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    routed_dp_rank: int | None = None
+    created: float = 0.0  # wall-clock time the gateway received it
+
+
+# --- tokenizer -> dispatcher -> scheduler ---------------------------------------------------
+
+
+class TokenizedRequest(Struct, kw_only=True, omit_defaults=True):
+    rid: str
+    gateway_id: str
+    input_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    routed_dp_rank: int | None = None
+    created: float = 0.0
+    dispatch_id: int = 0  # set by the dispatcher; acknowledged in LoadReport.accepted
+
+
+# --- scheduler leader -> detokenizer --------------------------------------------------------
+
+
+class FinishReason(Struct, kw_only=True, omit_defaults=True):
+    """SGLang's finish_reason: {"type": "stop", "matched": ...} / {"type": "length", ...}."""
+
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None  # the stop token id or stop string that ended it
+    length: int | None = None
+    message: str | None = None
+
+
+class TokenOutput(Struct, kw_only=True, omit_defaults=True):
+    """One request's progress in one scheduler step.
+
+    `ids` = up to `DETOK_CONTEXT` ids generated before this step, then the `num_new` new ones: the
+    context lets a stateless detokenizer finish a character whose bytes began in earlier tokens.
+    When the request finishes, `all_ids` holds every generated id so the final text is exact.
+    """
+
+    rid: str
+    gateway_id: str
+    seq: int  # 0, 1, 2, ... per request: the gateway restores order by it
+    ids: list[int]
+    num_new: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    skip_special_tokens: bool = True
+    stop: list[str] = field(default_factory=list)
+    finish: FinishReason | None = None
+    all_ids: list[int] | None = None
+
+
+DETOK_CONTEXT = 4  # a UTF-8 character has at most 4 bytes, a token at least 1
+
+
+class TokenBatch(Struct, kw_only=True):
+    dp_rank: int
+    outputs: list[TokenOutput]
+
+
+# --- detokenizer / any service -> gateway ---------------------------------------------------
+
+
+class TextOutput(Struct, tag="text", kw_only=True, omit_defaults=True):
+    rid: str
+    seq: int
+    text: str  # the new text of this step
+    new_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    finish: FinishReason | None = None
+    full_text: str | None = None  # on finish: decode(all ids), stop string trimmed
+
+
+class RequestError(Struct, tag="error", kw_only=True, omit_defaults=True):
+    rid: str
+    message: str
+    status: int = 400  # HTTP status the gateway answers with
+
+
+class TextBatch(Struct, kw_only=True):
+    outputs: list[TextOutput | RequestError] = field(default_factory=list)
+
+
+# --- scheduler leader -> dispatcher ---------------------------------------------------------
+
+
+class LoadReport(Struct, kw_only=True, omit_defaults=True):
+    dp_rank: int
+    seq: int
+    timestamp: float  # time.monotonic() of the sender (same-host comparisons only)
+    holding_tokens: int  # running + waiting requests: prompt + generated so far
+    num_running: int
+    num_waiting: int
+    kv_used: int
+    kv_total: int
+    cache_hit_rate: float = 0.0
+    accepted: list[int] = field(default_factory=list)  # dispatch ids accepted since last report
+    instance_id: str = ""  # changes when the rank process restarts
+
+
+# --- control: dispatcher / gateway -> all schedulers ----------------------------------------
+
+
+class Abort(Struct, tag="abort", kw_only=True):
+    rid: str
+
+
+class FlushCache(Struct, tag="flush_cache", kw_only=True):
+    pass
+
+
+ControlMessage = Abort | FlushCache
+
+
+# --- rank registry (request/reply) ----------------------------------------------------------
+
+
+class RankHello(Struct, kw_only=True, omit_defaults=True):
+    instance_id: str
+    requested_dp_rank: int | None = None
+
+
+class RankAssignment(Struct, kw_only=True, omit_defaults=True):
+    dp_rank: int | None
+    message: str = ""
+
+
+class RankLoad(Struct, kw_only=True, omit_defaults=True):
+    """One row of the dispatcher's load table (`GET /get_loads`)."""
+
+    dp_rank: int
+    status: str  # "live" | "dead"
+    holding_tokens: int
+    in_flight_requests: int
+    in_flight_tokens: int
+    num_running: int
+    num_waiting: int
+    kv_used: int
+    kv_total: int
+    report_age_s: float
+
+
+class LoadTable(Struct, kw_only=True):
+    method: str
+    ranks: list[RankLoad]
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+_encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,50 @@
+"""Every NATS subject in one place. `ns` is the deployment namespace (`--nats-subject-prefix`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOKENIZER_QUEUE = "tokenizer"
+DETOKENIZER_QUEUE = "detokenizer"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    ns: str = "dpserve"
+
+    @property
+    def tokenize(self) -> str:  # gateway -> tokenizer (queue group)
+        return f"{self.ns}.tokenize"
+
+    @property
+    def dispatch(self) -> str:  # tokenizer -> dispatcher
+        return f"{self.ns}.dispatch"
+
+    def sched_req(self, dp_rank: int) -> str:  # dispatcher -> DP group leader
+        return f"{self.ns}.sched.{dp_rank}.req"
+
+    @property
+    def sched_control(self) -> str:  # dispatcher / gateway -> all schedulers
+        return f"{self.ns}.sched.control"
+
+    def load(self, dp_rank: int) -> str:  # DP group leader -> dispatcher
+        return f"{self.ns}.load.{dp_rank}"
+
+    @property
+    def load_all(self) -> str:
+        return f"{self.ns}.load.*"
+
+    @property
+    def detok(self) -> str:  # scheduler leader -> detokenizer (queue group)
+        return f"{self.ns}.detok"
+
+    def out(self, gateway_id: str) -> str:  # detokenizer / any service -> gateway
+        return f"{self.ns}.out.{gateway_id}"
+
+    @property
+    def rank_register(self) -> str:  # scheduler -> dispatcher (request/reply)
+        return f"{self.ns}.rank.register"
+
+    @property
+    def dispatcher_loads(self) -> str:  # gateway -> dispatcher (request/reply): the load table
+        return f"{self.ns}.dispatcher.loads"
