@@ -213,7 +213,11 @@ class RankLoad(Struct, kw_only=True, omit_defaults=True):
     report_age_s: float
 
 
-class LoadTable(Struct, kw_only=True):
+class LoadTableQuery(Struct, kw_only=True):
+    pass
+
+
+class LoadTableReply(Struct, kw_only=True):
     method: str
     ranks: list[RankLoad]
 

@@ -1,0 +1,30 @@
+# `make serve`: install, then serve the default (tiny) model on http://127.0.0.1:30000
+# `make test`:  install, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install serve test lint clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: on a CPU-only machine this takes the CPU build, and with it installed no
+# other requirement pulls the multi-GB CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+serve: install
+	$(BIN)/dpserve serve $(ARGS)
+
+test: install
+	$(BIN)/pytest -q -p no:cacheprovider $(ARGS)
+
+lint: install
+	$(BIN)/ruff check services shared tests benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,5 @@
+from services.detokenizer.worker import DetokenizerService
+from shared.actor import main
+
+if __name__ == "__main__":
+    main(DetokenizerService)

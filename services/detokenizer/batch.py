@@ -1,0 +1,52 @@
+"""TokenBatch -> one TextBatch per gateway. Pure apart from logging a failed item."""
+
+from __future__ import annotations
+
+import logging
+
+from services.detokenizer.incremental import IncrementalDecoder
+from shared.messages import RequestError, TextBatch, TextOutput, TokenBatch, TokenOutput
+
+log = logging.getLogger("detokenizer")
+
+
+def detokenize_one(out: TokenOutput, decoder: IncrementalDecoder) -> TextOutput:
+    final = out.finish is not None
+    text = decoder.delta(out.ids, out.num_new, out.skip_special_tokens, final=final)
+    full_text = None
+    if final and out.all_ids is not None:
+        full_text = decoder.full_text(out.all_ids, out.skip_special_tokens, out.stop)
+        if out.stop and full_text != decoder.full_text(out.all_ids, out.skip_special_tokens):
+            # a stop string was cut: the last delta ends where full_text ends, so a stream's text
+            # equals full_text whenever the stop string began within this step
+            before = out.all_ids[: len(out.all_ids) - out.num_new]
+            streamed = decoder.streamed_text(before, out.skip_special_tokens)
+            text = full_text[len(streamed) :] if full_text.startswith(streamed) else ""
+    return TextOutput(
+        rid=out.rid,
+        seq=out.seq,
+        text=text,
+        new_ids=list(out.ids[len(out.ids) - out.num_new :]) if out.num_new else [],
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        cached_tokens=out.cached_tokens,
+        finish=out.finish,
+        full_text=full_text,
+    )
+
+
+def detokenize_batch(batch: TokenBatch, decoder: IncrementalDecoder) -> dict[str, TextBatch]:
+    """Outputs keep their batch order within each gateway's TextBatch. One failing item becomes a
+    RequestError (500) for its rid and does not affect the others."""
+    by_gateway: dict[str, TextBatch] = {}
+    for out in batch.outputs:
+        item: TextOutput | RequestError
+        try:
+            item = detokenize_one(out, decoder)
+        except Exception:
+            log.exception(
+                "detokenization failed rid=%s gateway=%s dp_rank=%d", out.rid, out.gateway_id, batch.dp_rank
+            )
+            item = RequestError(rid=out.rid, message="detokenization failed", status=500)
+        by_gateway.setdefault(out.gateway_id, TextBatch()).outputs.append(item)
+    return by_gateway

@@ -1,0 +1,1 @@
+"""The DP controller: picks a data-parallel rank for every tokenized request."""

@@ -1,0 +1,1 @@
+"""The gateway: SGLang-compatible HTTP API in front of the bus."""

@@ -1,0 +1,4 @@
+from services.gateway.app import GatewayService
+from shared.actor import main
+
+main(GatewayService)

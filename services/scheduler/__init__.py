@@ -1,0 +1,1 @@
+"""The scheduler service: one per DP rank; batches requests and runs the model."""

@@ -1,0 +1,5 @@
+from services.tokenizer.worker import TokenizerService
+from shared.actor import main
+
+if __name__ == "__main__":
+    main(TokenizerService)

@@ -1,0 +1,47 @@
+"""The tokenizer service: GenerateRequest (queue group) -> TokenizedRequest to the dispatcher.
+
+Stateless; any number of instances share TOKENIZER_QUEUE. A rejected request is answered
+directly to its gateway as a TextBatch holding one RequestError.
+"""
+
+from __future__ import annotations
+
+from services.tokenizer.tokenize import TextTokenizer
+from services.tokenizer.validate import validate
+from shared.actor import Service
+from shared.messages import GenerateRequest, RequestError, TextBatch
+from shared.subjects import TOKENIZER_QUEUE
+
+
+class TokenizerService(Service):
+    name = "tokenizer"
+
+    async def start(self) -> None:
+        if not self.args.model_path:
+            raise ValueError("--model-path is required (the launcher resolves the default tiny model)")
+        self.tok = TextTokenizer(self.args.model_path, self.args.context_length)
+        self.log.info(
+            "loaded tokenizer model=%s vocab=%d context_length=%d add_bos=%s eos=%s",
+            self.args.model_path,
+            self.tok.vocab_size,
+            self.tok.context_length,
+            self.tok.add_bos,
+            self.tok.eos_token_ids,
+        )
+        await self.bus.subscribe(
+            self.subjects.tokenize, GenerateRequest, self.on_request, queue=TOKENIZER_QUEUE
+        )
+
+    async def on_request(self, req: GenerateRequest) -> None:
+        try:
+            result = validate(req, self.tok)
+        except Exception:
+            self.log.exception("tokenization failed rid=%s gateway=%s", req.rid, req.gateway_id)
+            result = RequestError(rid=req.rid, message="tokenization failed", status=500)
+        else:
+            if isinstance(result, RequestError):
+                self.log.info("rejected rid=%s gateway=%s reason=%r", req.rid, req.gateway_id, result.message)
+        if isinstance(result, RequestError):
+            await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[result]))
+            return
+        await self.bus.publish(self.subjects.dispatch, result)
