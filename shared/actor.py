@@ -54,7 +54,15 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         async with self.stack:
-            self.bus = await Bus.connect(self.args.nats_url, name=self.name)
+            connecting = loop.create_task(Bus.connect(self.args.nats_url, name=self.name))
+            stop = loop.create_task(self.stopping.wait())
+            await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not connecting.done():  # a signal came before the bus answered
+                connecting.cancel()
+                self.log.info("stopped before connecting to nats=%s", self.args.nats_url)
+                return
+            self.bus = connecting.result()
             self.stack.push_async_callback(self.bus.close)
             await self.start()
             self.log.info("started nats=%s ns=%s", self.args.nats_url, self.args.ns)

@@ -55,7 +55,9 @@ class ServerArgs:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model_path)) or "dpserve-tiny"
+        if self.served_model_name:
+            return self.served_model_name
+        return os.path.basename(os.path.normpath(self.model_path)) if self.model_path else "dpserve-tiny"
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
