@@ -75,7 +75,10 @@ def ensure_tiny_model(dir: str | Path | None = None) -> Path:
 
 
 def create_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Write the tiny checkpoint to out_dir (replacing what is there) and return out_dir."""
+    """Write the tiny checkpoint to out_dir (replacing what is there) and return out_dir.
+
+    Replacing a complete dir swaps it by two renames, so readers may briefly find out_dir absent;
+    ensure_tiny_model never replaces one."""
     return _create(Path(out_dir), arch=arch, seed=seed, replace=True)
 
 
@@ -100,21 +103,24 @@ def _create(out: Path, arch: str, seed: int, replace: bool) -> Path:
 
 def _publish(tmp: Path, out: Path, replace: bool) -> None:
     """Rename tmp onto out. rename(2) replaces an empty dir atomically but not a full one."""
-    try:
-        os.rename(tmp, out)
-        return
-    except OSError:
-        if not out.exists():
-            raise
-    if not replace and _is_complete(out):
-        return  # another process published first; by determinism its files equal ours
-    # Swap: move the old dir aside (one rename), move ours in (one rename), drop the old one.
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    try:
-        os.rename(out, trash / "old")
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
+    for _ in range(5):
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError:
+            if not out.exists():
+                raise
+        if not replace and _is_complete(out):
+            return  # another process published first; by determinism its files equal ours
+        # Move the old dir aside (one rename) and retry; a racing writer may publish in between.
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            os.rename(out, trash / "old")
+        except FileNotFoundError:
+            pass  # someone else moved it already
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    raise OSError(f"could not publish {out}: other writers keep replacing it")
 
 
 def _make_readable(d: Path) -> None:

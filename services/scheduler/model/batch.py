@@ -87,7 +87,9 @@ def build_forward_batch(
         slots = slots.to("cpu", torch.long)
         e, p = len(toks), prefix.numel()
         if e < 1 or slots.numel() != e:
-            raise ValueError(f"a request needs >= 1 new token and one slot per token (got {e}, {slots.numel()})")
+            raise ValueError(
+                f"a request needs >= 1 new token and one slot per token (got {e}, {slots.numel()})"
+            )
         input_ids.extend(int(t) for t in toks)
         positions.extend(range(p, p + e))
         out_locs.append(slots)
@@ -97,7 +99,9 @@ def build_forward_batch(
     return ForwardBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
-        out_cache_loc=torch.cat(out_locs).to(device) if out_locs else torch.empty(0, dtype=torch.long, device=device),
+        out_cache_loc=torch.cat(out_locs).to(device)
+        if out_locs
+        else torch.empty(0, dtype=torch.long, device=device),
         extend_lens=extend_lens,
         seq_lens=seq_lens,
         kv_indices=kv_indices,
