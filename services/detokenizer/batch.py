@@ -32,6 +32,10 @@ def detokenize_one(out: TokenOutput, decoder: IncrementalDecoder) -> TextOutput:
         cached_tokens=out.cached_tokens,
         finish=out.finish,
         full_text=full_text,
+        input_token_logprobs=out.input_token_logprobs,
+        input_top_logprobs=out.input_top_logprobs,
+        output_token_logprobs=out.output_token_logprobs,
+        output_top_logprobs=out.output_top_logprobs,
     )
 
 

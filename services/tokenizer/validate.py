@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import jinja2
+import msgspec
+
 from services.tokenizer.tokenize import TextTokenizer
 from shared.messages import GenerateRequest, RequestError, TokenizedRequest
 
@@ -16,10 +19,23 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     problem = req.sampling.check()
     if problem is not None:
         return reject(problem)
+    if req.top_logprobs_num < 0 or req.logprob_start_len < -1:
+        return reject("top_logprobs_num must be >= 0 and logprob_start_len >= -1")
 
-    if (req.text is None) == (req.input_ids is None):
-        return reject("Exactly one of text or input_ids must be provided.")
-    if req.input_ids is not None:
+    given = sum(x is not None for x in (req.text, req.input_ids, req.messages))
+    if given != 1:
+        return reject("Exactly one of text, input_ids or messages must be provided.")
+    if req.messages is not None:
+        if not req.messages:
+            return reject("`messages` must not be empty.")
+        try:
+            prompt = tok.apply_chat_template([msgspec.to_builtins(m) for m in req.messages])
+        except ValueError as e:  # no chat template
+            return reject(str(e))
+        except jinja2.TemplateError as e:  # the template refused these messages
+            return reject(f"the chat template failed: {e}")
+        ids = tok.encode(prompt)
+    elif req.input_ids is not None:
         ids = req.input_ids
         bad = next((i for i in ids if not 0 <= i < tok.vocab_size), None)
         if bad is not None:
@@ -53,4 +69,7 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
         stream=req.stream,
         routed_dp_rank=req.routed_dp_rank,
         created=req.created,
+        return_logprob=req.return_logprob,
+        top_logprobs_num=req.top_logprobs_num,
+        logprob_start_len=req.logprob_start_len,
     )

@@ -6,10 +6,14 @@ directly to its gateway as a TextBatch holding one RequestError.
 
 from __future__ import annotations
 
+import uuid
+from collections import Counter
+
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.validate import validate
 from shared.actor import Service
-from shared.messages import GenerateRequest, RequestError, TextBatch
+from shared.messages import GenerateRequest, RequestError, TextBatch, TokenizedRequest
+from shared.metrics import Sample, publish_snapshots
 from shared.subjects import TOKENIZER_QUEUE
 
 
@@ -31,6 +35,11 @@ class TokenizerService(Service):
         await self.bus.subscribe(
             self.subjects.tokenize, GenerateRequest, self.on_request, queue=TOKENIZER_QUEUE
         )
+        self.results: Counter[str] = Counter()  # ok / rejected / failed -> requests
+        self.spawn(publish_snapshots(self.bus, self.subjects.metrics, "tokenizer", uuid.uuid4().hex, self.samples))
+
+    def samples(self) -> list[Sample]:
+        return [Sample("dpserve:tokenizer_requests_total", n, {"result": k}) for k, n in sorted(self.results.items())]
 
     async def on_request(self, req: GenerateRequest) -> None:
         try:
@@ -38,9 +47,11 @@ class TokenizerService(Service):
         except Exception:
             self.log.exception("tokenization failed rid=%s gateway=%s", req.rid, req.gateway_id)
             result = RequestError(rid=req.rid, message="tokenization failed", status=500)
+            self.results["failed"] += 1
         else:
             if isinstance(result, RequestError):
                 self.log.info("rejected rid=%s gateway=%s reason=%r", req.rid, req.gateway_id, result.message)
+            self.results["ok" if isinstance(result, TokenizedRequest) else "rejected"] += 1
         if isinstance(result, RequestError):
             await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[result]))
             return

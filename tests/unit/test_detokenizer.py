@@ -303,3 +303,14 @@ def test_batch_failure_is_isolated(tokenizer: Tokenizer, decoder: IncrementalDec
     items = detokenize_batch(batch, decoder)["g1"].outputs
     assert items[0] == RequestError(rid="bad", message="detokenization failed", status=500)
     assert isinstance(items[1], TextOutput) and items[1].text == "fine"
+
+
+def test_invariant_on_tiny_model(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    dec = IncrementalDecoder(tiny_model / "tokenizer.json")
+    assert dec.exact
+    rng = random.Random(0)
+    for text in TEXTS:
+        ids = tok.encode(text).ids
+        for _ in range(20):
+            assert "".join(stream(dec, ids, random_sizes(rng, len(ids)))) == tok.decode(ids) == text

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.validate import validate
-from shared.messages import GenerateRequest, RequestError, SamplingParams, TokenizedRequest
+from shared.messages import ChatMessage, GenerateRequest, RequestError, SamplingParams, TokenizedRequest
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 CORPUS = [
@@ -209,10 +209,48 @@ def test_validate_empty_prompt(tok: TextTokenizer, kw: dict[str, object]) -> Non
     assert isinstance(out, RequestError) and out.message == "The input prompt is empty."
 
 
-@pytest.mark.parametrize("kw", [{}, {"text": "a", "input_ids": [1]}])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"text": "a", "input_ids": [1]}, {"text": "a", "messages": [ChatMessage(role="user", content="b")]}],
+)
 def test_validate_needs_exactly_one_input(tok: TextTokenizer, kw: dict[str, object]) -> None:
     out = validate(request(**kw), tok)
-    assert isinstance(out, RequestError) and "Exactly one of text or input_ids" in out.message
+    assert isinstance(out, RequestError) and "Exactly one of text, input_ids or messages" in out.message
+
+
+def test_validate_messages_render_the_chat_template(tok: TextTokenizer) -> None:
+    messages = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="héllo")]
+    out = validate(request(messages=messages, sampling=SamplingParams(max_new_tokens=4)), tok)
+    assert isinstance(out, TokenizedRequest)
+    prompt = tok.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
+    )
+    assert out.input_ids == tok.encode(prompt)
+    assert out.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_validate_messages_errors(tmp_path: Path, tok: TextTokenizer) -> None:
+    empty = validate(request(messages=[]), tok)
+    assert isinstance(empty, RequestError) and empty.status == 400
+    refusing = "{{ raise_exception('roles must alternate') }}"
+    strict = TextTokenizer(str(write_model(tmp_path, chat_template=refusing)))
+    out = validate(request(messages=[ChatMessage(role="user", content="x")]), strict)
+    assert isinstance(out, RequestError) and out.status == 400 and "roles must alternate" in out.message
+
+
+def test_validate_passes_logprob_options(tok: TextTokenizer) -> None:
+    req = request(
+        text="hi",
+        sampling=SamplingParams(max_new_tokens=4),
+        return_logprob=True,
+        top_logprobs_num=3,
+        logprob_start_len=0,
+    )
+    out = validate(req, tok)
+    assert isinstance(out, TokenizedRequest)
+    assert (out.return_logprob, out.top_logprobs_num, out.logprob_start_len) == (True, 3, 0)
+    bad = validate(request(text="hi", top_logprobs_num=-1), tok)
+    assert isinstance(bad, RequestError)
 
 
 def test_validate_sampling_params(tok: TextTokenizer) -> None:
@@ -254,3 +292,33 @@ def test_validate_counts_bos_in_length(tok: TextTokenizer) -> None:
     over = validate(request(text=text, sampling=SamplingParams(max_new_tokens=65 - n)), tok)
     assert isinstance(ok, TokenizedRequest) and isinstance(over, RequestError)
     assert f"{n} tokens from the input messages" in over.message
+
+
+# --- the project's tiny checkpoint (conftest's `tiny_model`) ---------------------------------
+
+
+def test_tiny_model_facts(tiny_model: Path) -> None:
+    tok = TextTokenizer(str(tiny_model))
+    raw = tok.tokenizer
+    assert not tok.add_bos  # its tokenizer_config says add_bos_token: false
+    assert tok.eos_token_ids == sorted({raw.token_to_id("<|end_of_text|>"), raw.token_to_id("<|im_end|>")})
+    assert (
+        tok.context_length == json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    )
+    text = "héllo 世界 😀"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tiny_model_matches_transformers(tiny_model: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_model))
+    tok = TextTokenizer(str(tiny_model))
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Grüße, 世界"}]},
+    ]
+    for gen in (True, False):
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert tok.apply_chat_template(messages, add_generation_prompt=gen) == expected
+    for text in ("plain text", "Καλημέρα 😀 <|im_start|>user"):
+        assert tok.encode(text) == hf(text)["input_ids"]
