@@ -1,44 +1,61 @@
 """The serving engine of one DP rank: one step = schedule -> forward -> update.
 
-`schedule` and `update` run on the service's event loop and own all request state; `forward` runs
-the model and the sampler in a worker thread and touches only tensors. Continuous batching: every
-step feeds one token for each running request and, within the prefill budget, the prompts of
-waiting requests, which then join the running batch; finished requests leave at once.
-
-KV accounting: a request is admitted only when its reservation (prompt + max_new_tokens) fits next
-to those of the running requests, so allocating its slots step by step never fails.
+A thin loop over small managers: `CacheManager` (KV slots, req-to-token table, radix prefix
+cache), `PrefillManager` (waiting queue, policy, chunked prefill, token budget) and
+`DecodeManager` (running batch, retraction). `schedule` and `update` run on the service's event
+loop and own all request state; `forward` runs the model and the sampler in a worker thread and
+only reads it. Each step feeds one token for every running request plus prompt chunks of
+waiting ones, in one mixed forward; a request emits a token when its feed reaches seq_len.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
 
+from services.scheduler.cache import CacheManager
+from services.scheduler.decode import DecodeManager
+from services.scheduler.logprobs import Pair, input_positions, token_logprob, top_logprobs
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.kv_pool import KVPool
+from services.scheduler.prefill import PrefillConfig, PrefillManager
 from services.scheduler.request import Req
-from services.scheduler.sampler import sample
+from services.scheduler.sampler import Sampled, sample
 from services.scheduler.table import ReqToTokenTable
 from shared.messages import DETOK_CONTEXT, FinishReason, TokenOutput
+
+log = logging.getLogger("scheduler.engine")
 
 
 @dataclass
 class EngineConfig:
     max_total_tokens: int
     max_running_requests: int
-    prefill_budget: int  # prompt tokens one step may feed
+    prefill_budget: int  # prompt tokens one step may feed (--max-prefill-tokens)
     context_length: int
     eos_token_ids: tuple[int, ...]
     vocab_size: int
+    chunked_prefill_size: int = 8192  # <= 0: off
+    schedule_policy: str = "fcfs"
+    disable_radix_cache: bool = False
 
 
 @dataclass
 class StepPlan:
-    reqs: list[Req]  # batch order: running requests by arrival, then newly admitted ones
+    reqs: list[Req]  # batch order: running requests, then prefill chunks
     batch: ForwardBatch
+    # per row: hidden-state indices whose logits give prompt-token logprobs, and those tokens
+    input_lp: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    sampled: Sampled  # rows of the requests that emit, in plan order
+    input_lp: list[list[Pair]]  # per plan row
+    input_top: list[list[list[Pair]]]
 
 
 class Engine:
@@ -47,17 +64,33 @@ class Engine:
         self.pool = pool
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.table = ReqToTokenTable(cfg.max_running_requests, cfg.context_length)
-        self.waiting: deque[Req] = deque()
-        self.running: list[Req] = []
-        self.reserved = 0  # sum of max_len over running requests
+        self.table = ReqToTokenTable(cfg.max_running_requests + 1, cfg.context_length)
+        self.cache = CacheManager(pool, self.table, use_radix=not cfg.disable_radix_cache)
+        self.prefill = PrefillManager(
+            PrefillConfig(
+                chunked_prefill_size=cfg.chunked_prefill_size,
+                max_prefill_tokens=cfg.prefill_budget,
+                max_running_requests=cfg.max_running_requests,
+                policy=cfg.schedule_policy,
+            ),
+            self.cache,
+        )
+        self.decode = DecodeManager(self.cache)
         self.finished_early: list[Req] = []  # ended outside a step (abort, rejected); reported next update
 
     # --- state the service reads ----------------------------------------------------------
 
     @property
+    def running(self) -> list[Req]:
+        return self.decode.running
+
+    @property
+    def waiting(self) -> list[Req]:
+        return self.prefill.waiting + ([self.prefill.chunked] if self.prefill.chunked else [])
+
+    @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.prefill.waiting or self.prefill.chunked or self.decode.running)
 
     @property
     def holding_tokens(self) -> int:
@@ -65,49 +98,61 @@ class Engine:
 
     @property
     def kv_used(self) -> int:
-        return self.pool.size - self.pool.num_free
+        """Slots held by requests (their own and their locked prefixes); evictable cache is free."""
+        return self.cache.used_by_requests
+
+    def _holders(self) -> list[Req]:
+        return self.decode.running + ([self.prefill.chunked] if self.prefill.chunked else [])
+
+    def check_accounting(self) -> None:
+        """free + cached + in use == total (any step boundary)."""
+        self.cache.check(self._holders())
 
     def check_idle_accounting(self) -> None:
-        """With nothing running, every slot and every table row is free."""
-        assert not self.running and self.reserved == 0, (len(self.running), self.reserved)
-        assert self.pool.num_free == self.pool.size, (self.pool.num_free, self.pool.size)
-        assert self.table.num_free == self.cfg.max_running_requests
+        """With nothing running, every slot is free or cached, and nothing is locked."""
+        assert not self.has_work
+        self.cache.check([])
+        self.pool.check()
+        assert self.cache.used_by_requests == 0, self.cache.used_by_requests
+
+    def flush_cache(self) -> int:
+        return self.cache.flush()
 
     # --- requests in and out --------------------------------------------------------------
 
     def add(self, req: Req) -> None:
         problem = req.sampling.check()
+        capacity = min(self.pool.size, self.cfg.context_length)
         if not req.input_ids:
             problem = "empty prompt"
         elif not all(0 <= t < self.cfg.vocab_size for t in req.input_ids):
             problem = f"input_ids must be in [0, {self.cfg.vocab_size})"
+        elif req.max_len > capacity:
+            problem = (
+                f"prompt ({len(req.input_ids)}) + max_new_tokens ({req.sampling.max_new_tokens}) "
+                f"exceeds this rank's capacity of {capacity} tokens"
+            )
+        elif req.top_logprobs_num < 0 or req.logprob_start_len < -1:
+            problem = "top_logprobs_num must be >= 0 and logprob_start_len >= -1"
         if problem is not None:
             req.finish = FinishReason(type="abort", message=problem)
-            self.finished_early.append(req)
-        elif req.max_len > min(self.pool.size, self.cfg.context_length):
-            req.finish = FinishReason(
-                type="abort",
-                message=f"prompt ({len(req.input_ids)}) + max_new_tokens ({req.sampling.max_new_tokens}) "
-                f"exceeds this rank's capacity of {min(self.pool.size, self.cfg.context_length)} tokens",
-            )
             self.finished_early.append(req)
         elif req.sampling.max_new_tokens == 0:
             req.finish = FinishReason(type="length", length=0)
             self.finished_early.append(req)
         else:
-            self.waiting.append(req)
+            self.prefill.add(req)
 
     def abort(self, rid: str) -> Req | None:
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                break
-        else:
-            req = next((r for r in self.running if r.rid == rid), None)
+        """Removes `rid` wherever it is (waiting, mid-prefill, running); its own KV is freed."""
+        req = self.prefill.remove(rid)
+        if req is None:
+            req = next((r for r in self.decode.running if r.rid == rid), None)
             if req is None:
                 return None
-            self.running.remove(req)
-            self._release(req)
+            self.decode.running.remove(req)
+        if req.row >= 0:
+            self.cache.release(req, keep=False)
         req.finish = FinishReason(type="abort", message="aborted")
         self.finished_early.append(req)
         return req
@@ -115,74 +160,138 @@ class Engine:
     # --- one step ---------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
-        admitted: list[Req] = []
-        budget = self.cfg.prefill_budget
-        while self.waiting and len(self.running) + len(admitted) < self.cfg.max_running_requests:
-            req = self.waiting[0]
-            fits_budget = len(req.input_ids) <= budget or (not admitted and budget == self.cfg.prefill_budget)
-            if not fits_budget or self.reserved + req.max_len > self.pool.size:
-                break
-            self.waiting.popleft()
-            req.row = self.table.alloc()
-            self.reserved += req.max_len
-            budget -= len(req.input_ids)
-            admitted.append(req)
-        self.running += admitted
-        if not self.running:
+        chunked = [self.prefill.chunked] if self.prefill.chunked else []
+        retracted = self.decode.retract_for_step(chunked)
+        if self.prefill.chunked is not None and not chunked:
+            self.prefill.chunked = None
+        for req in retracted:
+            self.prefill.put_back(req)
+        if retracted:
+            log.info(
+                "retract n=%d running=%d kv_available=%d total_retracted=%d",
+                len(retracted), len(self.decode.running), self.cache.available, self.decode.num_retracted,
+            )
+        reqs = self.decode.schedule()
+        reqs += self.prefill.schedule(len(reqs), self.decode.reserve(), self.decode.new_token_ratio)
+        if not reqs:
             return None
-        return StepPlan(self.running[:], self._build_batch(self.running))
+        return self._build_plan(reqs)
 
-    def _build_batch(self, reqs: list[Req]) -> ForwardBatch:
+    def _build_plan(self, reqs: list[Req]) -> StepPlan:
         input_ids: list[int] = []
         positions: list[int] = []
-        extend_lens: list[int] = []
-        new_slots = self.pool.alloc(sum(r.extend_len for r in reqs))
-        assert new_slots is not None, "reservation admitted more than the pool holds"
+        locs: list[torch.Tensor] = []
+        input_lp: list[tuple[list[int], list[int]]] = []
         offset = 0
         for req in reqs:
-            n = req.extend_len
-            input_ids += req.all_ids[req.cached_len :]
-            positions += range(req.cached_len, req.seq_len)
-            self.table.slots[req.row, req.cached_len : req.seq_len] = new_slots[offset : offset + n]
-            extend_lens.append(n)
-            offset += n
-        return ForwardBatch(
+            a, b = req.cached_len, req.cached_len + req.extend_now
+            input_ids += req.all_ids[a:b]
+            positions += range(a, b)
+            locs.append(self.table.slots[req.row, a:b])
+            idx: list[int] = []
+            toks: list[int] = []
+            if req.return_logprob:
+                have = len(req.input_logprobs) or (1 if req.input_logprob_start == 0 else 0)
+                for i in input_positions(req.input_logprob_start, a, b, len(req.input_ids), have):
+                    idx.append(offset + (i - 1 - a))
+                    toks.append(req.input_ids[i])
+            input_lp.append((idx, toks))
+            offset += b - a
+        batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64),
             positions=torch.tensor(positions, dtype=torch.int64),
-            out_cache_loc=new_slots,
-            extend_lens=extend_lens,
-            seq_lens=[r.seq_len for r in reqs],
-            kv_indices=[self.table.slots[r.row, : r.seq_len] for r in reqs],
+            out_cache_loc=torch.cat(locs),
+            extend_lens=[r.extend_now for r in reqs],
+            seq_lens=[r.cached_len + r.extend_now for r in reqs],
+            kv_indices=[self.table.slots[r.row, : r.cached_len + r.extend_now] for r in reqs],
             kv_pool=self.pool,
         )
+        return StepPlan(reqs, batch, input_lp)
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> list[int]:
+    def forward(self, plan: StepPlan) -> StepResult:
         """Runs in the worker thread: the model, then the sampler."""
-        logits = self.model(plan.batch)
-        banned = [self._banned_ids(r) for r in plan.reqs]
-        return sample(logits, plan.reqs, banned)
+        ends = plan.batch.last_token_index().tolist()
+        emit = [i for i, r in enumerate(plan.reqs) if r.emits_now]
+        extra = [j for idx, _ in plan.input_lp for j in idx]
+        logits = self._logits(plan.batch, [ends[i] for i in emit] + extra)
+        emit_reqs = [plan.reqs[i] for i in emit]
+        sampled = sample(logits[: len(emit)], emit_reqs, [self._banned_ids(r) for r in emit_reqs])
+        result = StepResult(sampled, [], [])
+        lp = torch.log_softmax(logits[len(emit) :], dim=-1) if extra else logits[:0]
+        k = 0
+        for req, (idx, toks) in zip(plan.reqs, plan.input_lp, strict=True):
+            rows = lp[k : k + len(idx)]
+            k += len(idx)
+            result.input_lp.append([token_logprob(row, t) for row, t in zip(rows, toks, strict=True)])
+            result.input_top.append([top_logprobs(row, req.top_logprobs_num) for row in rows])
+        return result
 
-    def update(self, plan: StepPlan, tokens: list[int]) -> list[TokenOutput]:
-        outputs = [self._output(r) for r in self.finished_early]
-        self.finished_early.clear()
-        for req, token in zip(plan.reqs, tokens, strict=True):
-            req.cached_len = req.seq_len
+    def _logits(self, batch: ForwardBatch, rows: list[int]) -> torch.Tensor:
+        """Float32 logits at the given token indices of the batch (Llama-family layout)."""
+        model = self.model
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(model, "lm_head"):
+            assert rows == batch.last_token_index().tolist()[: len(rows)], "model gives last-token logits only"
+            return model(batch)
+        device = model.lm_head.weight.device
+        if batch.input_ids.device != device:
+            batch = ForwardBatch(
+                input_ids=batch.input_ids.to(device),
+                positions=batch.positions.to(device),
+                out_cache_loc=batch.out_cache_loc.to(device),
+                extend_lens=batch.extend_lens,
+                seq_lens=batch.seq_lens,
+                kv_indices=[i.to(device) for i in batch.kv_indices],
+                kv_pool=batch.kv_pool,
+            )
+        hidden = inner(batch, model.attn_backend)
+        picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
+        return model.lm_head(inner.norm(picked)).float()
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[TokenOutput]:
+        outputs = self.drain_finished_early()
+        tokens = iter(zip(result.sampled.tokens, result.sampled.logprobs, result.sampled.top, strict=True))
+        for req, in_lp, in_top in zip(plan.reqs, result.input_lp, result.input_top, strict=True):
+            emits = req.emits_now
+            if req.return_logprob and not req.input_logprobs and req.input_logprob_start == 0:
+                req.input_logprobs.append((None, req.input_ids[0]))
+                req.input_top.append([])
+            req.input_logprobs += in_lp
+            req.input_top += in_top
+            prefilled = req.extend_now > 1 or not req.output_ids
+            req.cached_len += req.extend_now
+            req.extend_now = 0
+            if prefilled:
+                self.cache.cache_prefix(req)  # later requests may share this prompt at once
+            if not emits:
+                continue  # mid-prompt chunk: stays PrefillManager.chunked
+            token, lp, top = next(tokens)
             req.output_ids.append(token)
+            if lp is not None:
+                req.output_logprobs.append(lp)
+                req.output_top.append(top)
             req.finish = self._check_finish(req, token)
             if req.finished:
-                self.running.remove(req)
-                self._release(req)
+                if req in self.decode.running:
+                    self.decode.running.remove(req)
+                self.cache.release(req, keep=True)
+            elif req not in self.decode.running:
+                self.decode.running.append(req)
             if req.stream or req.finished:
                 outputs.append(self._output(req))
         return outputs
 
     def fail(self, plan: StepPlan, message: str) -> list[TokenOutput]:
-        """Ends every request of a step whose forward failed; frees their KV."""
+        """Ends every request of a step whose forward failed; frees their KV (never cached)."""
         for req in plan.reqs:
-            if req in self.running:
-                self.running.remove(req)
-                self._release_all(req)
+            if req in self.decode.running:
+                self.decode.running.remove(req)
+            if self.prefill.chunked is req:
+                self.prefill.chunked = None
+            req.cached_len += req.extend_now  # the step's slots are the request's to free
+            req.extend_now = 0
+            self.cache.release(req, keep=False)
             req.finish = FinishReason(type="abort", message=message)
             self.finished_early.append(req)
         return self.drain_finished_early()
@@ -193,17 +302,6 @@ class Engine:
         return outputs
 
     # --- helpers ------------------------------------------------------------------------------
-
-    def _release_all(self, req: Req) -> None:
-        """Like _release, for a step that allocated slots for the new tokens but never ran."""
-        req.cached_len = req.seq_len
-        self._release(req)
-
-    def _release(self, req: Req) -> None:
-        self.pool.free(self.table.slots[req.row, : req.cached_len].clone())
-        self.table.free(req.row)
-        self.reserved -= req.max_len
-        req.row = -1
 
     def _banned_ids(self, req: Req) -> list[int]:
         p = req.sampling
@@ -217,7 +315,7 @@ class Engine:
             return FinishReason(type="stop", matched=token)
         if token in p.stop_token_ids:
             return FinishReason(type="stop", matched=token)
-        if p.stop:
+        if p.stop and len(req.output_ids) >= p.min_new_tokens:
             longest = max(len(s) for s in p.stop)
             tail = self.tokenizer.decode(
                 req.output_ids[-(longest + DETOK_CONTEXT) :], skip_special_tokens=p.skip_special_tokens
@@ -243,10 +341,17 @@ class Engine:
             num_new=len(new),
             prompt_tokens=len(req.input_ids),
             completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
             skip_special_tokens=req.sampling.skip_special_tokens,
             stop=req.sampling.stop,
             finish=req.finish,
             all_ids=req.output_ids if req.finished else None,
         )
+        if req.return_logprob:
+            first = req.seq == 0
+            out.input_token_logprobs = list(req.input_logprobs) if first else None
+            out.input_top_logprobs = list(req.input_top) if first and req.top_logprobs_num else None
+            out.output_token_logprobs = req.output_logprobs[start:]
+            out.output_top_logprobs = req.output_top[start:] if req.top_logprobs_num else None
         req.seq += 1
         return out

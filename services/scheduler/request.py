@@ -1,14 +1,19 @@
 """A request inside the scheduler: counters, not phases.
 
     all_ids = input_ids + output_ids
-    [0, cached_len)            tokens whose KV is in the pool
-    [cached_len, len(all_ids)) tokens the next forward feeds (the whole prompt, or the last sample)
+    [0, tree_len)              KV owned by the radix tree (matched prefix; locked at `node`)
+    [tree_len, cached_len)     KV owned by this request (its table row holds the slots)
+    [cached_len, seq_len)      tokens still to feed: the prompt (maybe over several chunked
+                               steps), or the last sampled token when decoding
+A step feeds `extend_now` of those; the request emits a token only when that reaches seq_len.
+Retraction resets cached_len to 0: the request resumes as a prompt of all_ids.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,11 +32,24 @@ class Req:
     arrived: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     cached_len: int = 0
+    tree_len: int = 0
+    node: Any = None  # radix node locked for [0, tree_len), or None
+    extend_now: int = 0  # tokens this step feeds
     row: int = -1  # row in the req-to-token table while it holds KV
     seq: int = 0  # next TokenOutput sequence number
     emitted: int = 0  # output ids already sent to the detokenizer
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    admitted: bool = False
     finish: FinishReason | None = None
     generator: torch.Generator | None = None
+    # logprobs (SGLang's /generate): start < 0 means no input logprobs
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top: list[list[tuple[float, int]]] = field(default_factory=list)
+    output_logprobs: list[tuple[float, int]] = field(default_factory=list)
+    output_top: list[list[tuple[float, int]]] = field(default_factory=list)
 
     @classmethod
     def from_msg(cls, msg: TokenizedRequest) -> Req:
@@ -43,10 +61,15 @@ class Req:
             stream=msg.stream,
             dispatch_id=msg.dispatch_id,
             created=msg.created,
+            return_logprob=msg.return_logprob,
+            top_logprobs_num=msg.top_logprobs_num,
+            logprob_start_len=msg.logprob_start_len,
         )
-        if msg.sampling.seed is not None:
-            req.generator = torch.Generator().manual_seed(msg.sampling.seed)
         return req
+
+    def __post_init__(self) -> None:
+        if self.sampling.seed is not None and self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.sampling.seed)
 
     @property
     def all_ids(self) -> list[int]:
@@ -58,12 +81,25 @@ class Req:
 
     @property
     def extend_len(self) -> int:
+        """Tokens not yet fed (the whole remaining prompt, or 1 when decoding)."""
         return self.seq_len - self.cached_len
 
     @property
     def max_len(self) -> int:
-        """Tokens of KV this request may hold at most: its reservation in the pool."""
+        """Tokens of KV this request may hold at most."""
         return len(self.input_ids) + self.sampling.max_new_tokens
+
+    @property
+    def emits_now(self) -> bool:
+        """Whether this step's forward reaches the end of the sequence (and so samples)."""
+        return self.cached_len + self.extend_now == self.seq_len
+
+    @property
+    def input_logprob_start(self) -> int:
+        """First prompt position whose logprob is returned, or len(input_ids) for none."""
+        if not self.return_logprob or self.logprob_start_len < 0:
+            return len(self.input_ids)
+        return min(self.logprob_start_len, len(self.input_ids))
 
     @property
     def finished(self) -> bool:

@@ -1,23 +1,50 @@
-"""Sampling, per request in one batch: greedy rows by argmax, the others by their own parameters."""
+"""Sampling, per request in one batch.
+
+Row i: penalties (penalties.py) -> ban stop/EOS ids before min_new_tokens -> greedy argmax, or
+temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own generator
+(a seeded request draws the same numbers whatever else is in the batch).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from services.scheduler.logprobs import Pair, token_logprob, top_logprobs
+from services.scheduler.penalties import apply_penalties, needs_penalties
 from services.scheduler.request import Req
 
 
-def sample(logits: torch.Tensor, reqs: list[Req], banned: list[list[int]]) -> list[int]:
+@dataclass
+class Sampled:
+    tokens: list[int]
+    logprobs: list[Pair | None] = field(default_factory=list)  # per row; None if not asked
+    top: list[list[Pair]] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, reqs: list[Req], banned: list[list[int]]) -> Sampled:
     """logits: [B, vocab] float32 for the last position of each request; banned[i]: ids row i may
     not produce yet (stop and EOS ids before min_new_tokens)."""
-    logits = logits.float()
-    for i, ids in enumerate(banned):
-        if ids:
-            logits[i, ids] = float("-inf")
-    out = logits.argmax(dim=-1).tolist()
+    logits = logits.float().clone()
+    for i, req in enumerate(reqs):
+        if needs_penalties(req):
+            logits[i] = apply_penalties(logits[i], req)
+        if banned[i]:
+            logits[i, banned[i]] = float("-inf")
+    tokens = logits.argmax(dim=-1).tolist() if len(reqs) else []
+    out = Sampled(tokens)
     for i, req in enumerate(reqs):
         if not req.sampling.greedy:
-            out[i] = _sample_row(logits[i], req)
+            tokens[i] = _sample_row(logits[i], req)
+        if req.return_logprob:
+            t = req.sampling.temperature
+            lp = torch.log_softmax(logits[i] / (t if t > 0 else 1.0), dim=-1)
+            out.logprobs.append(token_logprob(lp, tokens[i]))
+            out.top.append(top_logprobs(lp, req.top_logprobs_num))
+        else:
+            out.logprobs.append(None)
+            out.top.append([])
     return out
 
 
