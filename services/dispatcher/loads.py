@@ -1,8 +1,15 @@
 """The load table: what each DP rank reported, plus what was sent to it and not yet accepted.
 
 A request is in flight from the moment it is dispatched until a LoadReport of its rank lists its
-dispatch id. Its tokens count toward that rank's load until then, so a burst that arrives between
-two reports spreads over the ranks instead of piling onto the one that looked lightest.
+dispatch id in `accepted`; then it is accepted until a report lists it in `finished`. In-flight
+tokens count toward the rank's load, so a burst that arrives between two reports spreads over the
+ranks instead of piling onto the one that looked lightest.
+
+Invariants:
+- a dispatch id is in at most one rank's `in_flight` and, once accepted, in that rank's `accepted`;
+- a rank's in-flight and accepted entries all belong to the instance in `instance_id`: a report
+  from a new instance (restart) hands the old instance's entries back to the caller (`Outcome`);
+- a rank is live while its last report is at most `dead_after` seconds old.
 """
 
 from __future__ import annotations
@@ -29,50 +36,101 @@ class RankState:
     report: LoadReport | None = None
     received_at: float = 0.0  # monotonic time of the last report's arrival
     live: bool = False
+    instance_id: str = ""
     in_flight: dict[int, InFlight] = field(default_factory=dict)  # dispatch id -> request
+    in_flight_tokens: int = 0  # sum of in_flight[*].tokens, kept incrementally
+    accepted: dict[int, TokenizedRequest] = field(default_factory=dict)  # dispatch id -> request
 
     @property
     def holding_tokens(self) -> int:
         return self.report.holding_tokens if self.report else 0
 
     @property
-    def in_flight_tokens(self) -> int:
-        return sum(f.tokens for f in self.in_flight.values())
-
-    @property
     def num_requests(self) -> int:
         r = self.report
         return (r.num_running + r.num_waiting if r else 0) + len(self.in_flight)
+
+    def take_in_flight(self) -> list[TokenizedRequest]:
+        """Empties the in-flight set; its requests in dispatch order."""
+        out = [f.req for _, f in sorted(self.in_flight.items())]
+        self.in_flight.clear()
+        self.in_flight_tokens = 0
+        return out
+
+    def take_accepted(self) -> list[TokenizedRequest]:
+        out = [r for _, r in sorted(self.accepted.items())]
+        self.accepted.clear()
+        return out
+
+
+@dataclass
+class Outcome:
+    """What a report changed beyond the numbers, for the dispatcher to act on."""
+
+    fresh: bool = False  # False: a stale or duplicate report, ignored
+    revived: bool = False  # the rank was dead (or unknown) and is live now
+    restarted: bool = False  # a new instance took the rank over
+    orphans: list[TokenizedRequest] = field(default_factory=list)  # old instance's in-flight: dispatch again
+    lost: list[TokenizedRequest] = field(default_factory=list)  # old instance's accepted: fail them
+    strays: list[int] = field(default_factory=list)  # accepted ids the table no longer expects here
 
 
 class LoadTable:
     def __init__(self, dead_after: float) -> None:
         self.dead_after = dead_after
         self.ranks: dict[int, RankState] = {}
+        self._live: list[RankState] | None = None  # cache of live_ranks(); None after a change
 
     def rank(self, dp_rank: int) -> RankState:
         if dp_rank not in self.ranks:
             self.ranks[dp_rank] = RankState(dp_rank)
+            self._live = None
         return self.ranks[dp_rank]
 
     def live_ranks(self) -> list[RankState]:
-        return [r for _, r in sorted(self.ranks.items()) if r.live]
+        """Live ranks by dp_rank; the same list object until a rank's liveness changes."""
+        if self._live is None:
+            self._live = [r for _, r in sorted(self.ranks.items()) if r.live]
+        return self._live
 
-    def on_report(self, report: LoadReport, now: float | None = None) -> bool:
-        """Records a report; returns True when the rank came (back) to life."""
+    def on_report(self, report: LoadReport, now: float | None = None) -> Outcome:
         rank = self.rank(report.dp_rank)
-        if rank.report is not None and report.instance_id == rank.report.instance_id and report.seq <= rank.report.seq:
-            return False  # stale or duplicate
+        out = Outcome(fresh=True)
+        if rank.report is not None and report.instance_id == rank.instance_id and report.seq <= rank.report.seq:
+            return Outcome()  # stale or duplicate
+        if rank.instance_id and report.instance_id != rank.instance_id:
+            out.restarted = True
+            # What the new instance accepted was sent to the rank's subject after it subscribed;
+            # everything else in flight went to the old process and is gone with it.
+            kept = {d: rank.in_flight.pop(d) for d in report.accepted if d in rank.in_flight}
+            out.orphans = rank.take_in_flight()
+            out.lost = rank.take_accepted()
+            rank.in_flight = kept
+            rank.in_flight_tokens = sum(f.tokens for f in kept.values())
+        rank.instance_id = report.instance_id
         rank.report = report
         rank.received_at = time.monotonic() if now is None else now
         for dispatch_id in report.accepted:
-            rank.in_flight.pop(dispatch_id, None)
-        revived = not rank.live
-        rank.live = True
-        return revived
+            item = rank.in_flight.pop(dispatch_id, None)
+            if item is None:
+                out.strays.append(dispatch_id)  # re-dispatched elsewhere while the rank was dead
+                continue
+            rank.in_flight_tokens -= item.tokens
+            rank.accepted[dispatch_id] = item.req
+        for dispatch_id in report.finished:
+            rank.accepted.pop(dispatch_id, None)
+        out.revived = not rank.live
+        if out.revived:
+            rank.live = True
+            self._live = None
+        return out
 
     def add_in_flight(self, dp_rank: int, req: TokenizedRequest, now: float | None = None) -> None:
-        self.rank(dp_rank).in_flight[req.dispatch_id] = InFlight(req, time.monotonic() if now is None else now)
+        rank = self.rank(dp_rank)
+        item = InFlight(req, time.monotonic() if now is None else now)
+        old = rank.in_flight.get(req.dispatch_id)
+        rank.in_flight[req.dispatch_id] = item
+        rank.in_flight_tokens += item.tokens - (old.tokens if old else 0)
 
     def expire(self, now: float | None = None) -> list[RankState]:
         """Marks ranks without a recent report dead; returns the ones that just died."""
@@ -81,6 +139,7 @@ class LoadTable:
         for rank in self.ranks.values():
             if rank.live and now - rank.received_at > self.dead_after:
                 rank.live = False
+                self._live = None
                 died.append(rank)
         return died
 
@@ -101,6 +160,9 @@ class LoadTable:
                     kv_used=rep.kv_used if rep else 0,
                     kv_total=rep.kv_total if rep else 0,
                     report_age_s=round(now - r.received_at, 3) if rep else -1.0,
+                    accepted_requests=len(r.accepted),
+                    cache_hit_rate=rep.cache_hit_rate if rep else 0.0,
+                    instance_id=r.instance_id,
                 )
             )
         return out

@@ -1,8 +1,10 @@
 """The dispatcher service: tokenized requests in, one DP rank chosen for each.
 
-It keeps the load table from the leaders' heartbeats and the in-flight requests it sent. While no
-rank is live, requests wait in a bounded queue and fail with a clear error once they waited
-`PENDING_TIMEOUT` seconds; when a rank dies, its unaccepted requests go to the live ones.
+It keeps the load table from the leaders' heartbeats and the requests it sent, and the rank
+registry. While no rank is live, requests wait in a bounded queue and fail with a clear error once
+they waited `PENDING_TIMEOUT` seconds. When a rank dies (or restarts as a new instance), its
+unaccepted requests go to the live ranks, its accepted ones end with a 503 error, and every one of
+them is aborted on that rank alone, so a frozen process that resumes does not serve them twice.
 """
 
 from __future__ import annotations
@@ -10,22 +12,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from collections import deque
 
-from services.dispatcher.loads import LoadTable, RankState
-from services.dispatcher.policies import make_policy
+from services.dispatcher.loads import LoadTable, Outcome, RankState
+from services.dispatcher.metrics import DispatcherMetrics
+from services.dispatcher.policies import PolicyConfig, make_policy
+from services.dispatcher.registry import RankRegistry
 from shared.actor import Service
 from shared.messages import (
+    Abort,
     LoadReport,
     LoadTableQuery,
     LoadTableReply,
+    RankAssignment,
+    RankHello,
     RequestError,
     TextBatch,
     TokenizedRequest,
 )
+from shared.metrics import publish_snapshots
 
 PENDING_TIMEOUT = 30.0  # seconds a request may wait for a live rank
 MAX_PENDING = 4096
+REGISTRATION_GRACE = 10.0  # seconds an assigned rank may stay silent before it is free again
 
 
 class DispatcherService(Service):
@@ -33,15 +43,27 @@ class DispatcherService(Service):
 
     async def start(self) -> None:
         args = self.args
-        self.table = LoadTable(dead_after=max(args.dead_rank_timeout, 3 * args.heartbeat_interval))
-        self.policy = make_policy(args.load_balance_method)
+        dead_after = max(args.dead_rank_timeout, 3 * args.heartbeat_interval)
+        self.table = LoadTable(dead_after=dead_after)
+        self.registry = RankRegistry(args.dp_size, grace=max(REGISTRATION_GRACE, dead_after))
+        config = PolicyConfig(
+            cache_threshold=args.cache_threshold,
+            balance_abs_threshold=args.balance_abs_threshold,
+            balance_rel_threshold=args.balance_rel_threshold,
+            max_tree_size=args.max_tree_size,
+        )
+        self.policy = make_policy(args.load_balance_method, config=config)
         self.dispatch_ids = itertools.count(1)
         self.pending: deque[tuple[float, TokenizedRequest]] = deque()
         await self.bus.subscribe(self.subjects.dispatch, TokenizedRequest, self.on_request)
         await self.bus.subscribe(self.subjects.load_all, LoadReport, self.on_report)
         await self.bus.serve(self.subjects.dispatcher_loads, LoadTableQuery, self.on_query)
+        await self.bus.serve(self.subjects.rank_register, RankHello, self.on_hello)
         self.spawn(self.watch_ranks())
-        self.log.info("method=%s dead_after=%.2fs", args.load_balance_method, self.table.dead_after)
+        self.metrics = DispatcherMetrics(args.load_balance_method)
+        collect = self.metrics.collector(self.table.rows, lambda: len(self.pending))
+        self.spawn(publish_snapshots(self.bus, self.subjects.metrics, "dispatcher", uuid.uuid4().hex, collect))
+        self.log.info("method=%s dead_after=%.2fs", args.load_balance_method, dead_after)
 
     async def on_request(self, req: TokenizedRequest) -> None:
         req.dispatch_id = next(self.dispatch_ids)
@@ -63,13 +85,45 @@ class DispatcherService(Service):
         else:
             rank = self.policy.pick(req, live)
         self.table.add_in_flight(rank.dp_rank, req)
+        self.metrics.on_dispatched(rank.dp_rank)
+        self.policy.on_dispatched(req, rank.dp_rank)
         await self.bus.publish(self.subjects.sched_req(rank.dp_rank), req)
         self.log.debug("dispatch rid=%s id=%d -> dp%d", req.rid, req.dispatch_id, rank.dp_rank)
 
     async def on_report(self, report: LoadReport) -> None:
-        if self.table.on_report(report):
-            self.log.info("rank live dp_rank=%d instance=%s", report.dp_rank, report.instance_id)
+        if not self.registry.admit(report.dp_rank, report.instance_id, time.monotonic()):
+            self.log.warning("ignored report of retired instance=%s dp_rank=%d", report.instance_id, report.dp_rank)
+            return
+        outcome = self.table.on_report(report)
+        if outcome.fresh:
+            await self.apply(report, outcome)
+
+    async def apply(self, report: LoadReport, outcome: Outcome) -> None:
+        dp_rank = report.dp_rank
+        if outcome.restarted:
+            self.log.warning(
+                "rank restarted dp_rank=%d instance=%s redispatching=%d failing=%d",
+                dp_rank, report.instance_id, len(outcome.orphans), len(outcome.lost),
+            )
+            self.policy.on_rank_reset(dp_rank)
+            await self.hand_back(dp_rank, outcome.orphans, outcome.lost, "restarted", abort=False)
+        if outcome.strays:
+            # It accepted requests that went elsewhere while it was dead: it must drop them.
+            strays = set(outcome.strays)
+            for req in self._requests_elsewhere(dp_rank, strays):
+                await self.bus.publish(self.subjects.sched_control, Abort(rid=req.rid, dp_rank=dp_rank))
+        if outcome.revived:
+            self.log.info("rank live dp_rank=%d instance=%s", dp_rank, report.instance_id)
             await self.flush_pending()
+
+    def _requests_elsewhere(self, dp_rank: int, ids: set[int]) -> list[TokenizedRequest]:
+        out = []
+        for rank in self.table.ranks.values():
+            if rank.dp_rank == dp_rank:
+                continue
+            out += [f.req for d, f in rank.in_flight.items() if d in ids]
+            out += [r for d, r in rank.accepted.items() if d in ids]
+        return out
 
     async def flush_pending(self) -> None:
         while self.pending and self.table.live_ranks():
@@ -79,6 +133,14 @@ class DispatcherService(Service):
     async def on_query(self, _: LoadTableQuery) -> LoadTableReply:
         return LoadTableReply(method=self.args.load_balance_method, ranks=self.table.rows())
 
+    async def on_hello(self, hello: RankHello) -> RankAssignment:
+        answer = self.registry.assign(hello, time.monotonic())
+        self.log.info(
+            "rank hello instance=%s requested=%s -> dp_rank=%s (%s)",
+            hello.instance_id, hello.requested_dp_rank, answer.dp_rank, answer.message,
+        )
+        return answer
+
     async def watch_ranks(self) -> None:
         while True:
             await asyncio.sleep(self.args.heartbeat_interval)
@@ -87,14 +149,31 @@ class DispatcherService(Service):
             await self.expire_pending()
 
     async def on_rank_dead(self, rank: RankState) -> None:
-        orphans = sorted(rank.in_flight.values(), key=lambda f: f.req.dispatch_id)
-        rank.in_flight.clear()
-        self.log.warning("rank dead dp_rank=%d redispatching=%d", rank.dp_rank, len(orphans))
-        for item in orphans:
-            if item.req.routed_dp_rank is not None:
-                await self.fail(item.req, f"DP rank {rank.dp_rank} died before accepting the request", 503)
+        self.registry.release(rank.dp_rank)
+        orphans, lost = rank.take_in_flight(), rank.take_accepted()
+        self.log.warning(
+            "rank dead dp_rank=%d redispatching=%d failing=%d", rank.dp_rank, len(orphans), len(lost)
+        )
+        await self.hand_back(rank.dp_rank, orphans, lost, "stopped reporting", abort=True)
+
+    async def hand_back(
+        self, dp_rank: int, orphans: list[TokenizedRequest], lost: list[TokenizedRequest], why: str, abort: bool
+    ) -> None:
+        """Re-dispatches what the rank never accepted and fails what it was serving.
+
+        With `abort`, each request is also aborted on that rank alone: if the process is only
+        frozen, it drops them when it resumes instead of answering twice.
+        """
+        for req in lost:
+            await self.fail(req, f"DP rank {dp_rank} {why} while serving the request", 503)
+        for req in orphans:
+            if req.routed_dp_rank is not None:
+                await self.fail(req, f"DP rank {dp_rank} {why} before accepting the request", 503)
             else:
-                await self.dispatch(item.req)
+                await self.dispatch(req)
+        if abort:
+            for req in lost + orphans:
+                await self.bus.publish(self.subjects.sched_control, Abort(rid=req.rid, dp_rank=dp_rank))
 
     async def expire_pending(self) -> None:
         now = time.monotonic()

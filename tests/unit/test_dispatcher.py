@@ -93,7 +93,7 @@ def test_every_policy_picks_a_live_rank(name: str) -> None:
 
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="not implemented"):
-        make_policy("cache_aware")
+        make_policy("least_surprise")
 
 
 def test_rows_report_status_and_in_flight() -> None:

@@ -1,0 +1,145 @@
+"""The dispatcher service over a fake bus: routing overrides, dead ranks, restarts, the registry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.dispatcher.worker import DispatcherService
+from shared.config import ServerArgs
+from shared.messages import (
+    Abort,
+    LoadReport,
+    LoadTableQuery,
+    RankHello,
+    TextBatch,
+    TokenizedRequest,
+)
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, msgspec.Struct]] = []
+
+    async def subscribe(self, *args: Any, **kw: Any) -> None:
+        return None
+
+    async def serve(self, *args: Any, **kw: Any) -> None:
+        return None
+
+    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
+        self.sent.append((subject, msg))
+
+    def take(self) -> list[tuple[str, msgspec.Struct]]:
+        out, self.sent = self.sent, []
+        return out
+
+
+@pytest.fixture
+async def svc() -> AsyncIterator[DispatcherService]:
+    service = DispatcherService(ServerArgs(dp_size=2, load_balance_method="minimum_tokens"))
+    service.bus = FakeBus()  # type: ignore[assignment]
+    await service.start()
+    yield service
+    for task in list(service._tasks):
+        task.cancel()
+
+
+def report(dp_rank: int, seq: int, accepted: list[int] | None = None, finished: list[int] | None = None,
+           instance: str = "i0", holding: int = 0) -> LoadReport:
+    return LoadReport(dp_rank=dp_rank, seq=seq, timestamp=0.0, holding_tokens=holding, num_running=0,
+                      num_waiting=0, kv_used=0, kv_total=10, accepted=accepted or [], finished=finished or [],
+                      instance_id=instance)
+
+
+def request(i: int, n: int = 10, routed: int | None = None) -> TokenizedRequest:
+    return TokenizedRequest(rid=f"r{i}", gateway_id="g", input_ids=[1] * n, routed_dp_rank=routed)
+
+
+def sent_to(bus: FakeBus) -> dict[str, int]:
+    """rid -> dp_rank for every request published in `bus.sent`."""
+    return {m.rid: int(s.split(".")[2]) for s, m in bus.sent if isinstance(m, TokenizedRequest)}
+
+
+async def test_routed_dp_rank_overrides_the_method(svc: DispatcherService) -> None:
+    await svc.on_report(report(0, 1))
+    await svc.on_report(report(1, 1, holding=10_000))
+    await svc.on_request(request(1, routed=1))
+    await svc.on_request(request(2))
+    await svc.on_request(request(3, routed=5))
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    assert sent_to(bus) == {"r1": 1, "r2": 0}
+    errors = [o for s, m in bus.sent if isinstance(m, TextBatch) for o in m.outputs]
+    assert errors[0].rid == "r3" and errors[0].status == 400 and "not a live DP rank" in errors[0].message
+
+
+async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: DispatcherService) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await svc.on_report(report(0, 1))
+    await svc.on_report(report(1, 1, holding=10_000))  # everything goes to rank 0 first
+    for i in range(1, 5):
+        await svc.on_request(request(i))
+    assert set(sent_to(bus).values()) == {0}
+    await svc.on_report(report(0, 2, accepted=[1, 2]))  # 1 and 2 accepted, 3 and 4 in flight
+    await svc.on_report(report(0, 3, finished=[1]))  # 1 done
+    bus.take()
+    later = time.monotonic() + 2 * svc.table.dead_after
+    svc.table.rank(1).received_at = later  # rank 1 keeps reporting, rank 0 went silent
+    died = svc.table.expire(now=later + 0.01)
+    assert [r.dp_rank for r in died] == [0]
+    await svc.on_rank_dead(died[0])
+    assert sent_to(bus) == {"r3": 1, "r4": 1}  # re-dispatched to the live rank
+    errors = [o for s, m in bus.sent if isinstance(m, TextBatch) for o in m.outputs]
+    assert [(e.rid, e.status) for e in errors] == [("r2", 503)]
+    assert "DP rank 0 stopped reporting while serving" in errors[0].message
+    aborts = sorted((m.rid, m.dp_rank) for s, m in bus.sent if isinstance(m, Abort))
+    assert aborts == [("r2", 0), ("r3", 0), ("r4", 0)]  # only rank 0 drops them
+    assert [r.dp_rank for r in svc.table.live_ranks()] == [1]
+    await svc.on_request(request(5))
+    assert sent_to(bus)["r5"] == 1  # nothing more to the dead rank
+    bus.take()
+    # rank 0 resumes (a SIGCONT): live again; what it accepted meanwhile is aborted there
+    await svc.on_report(report(0, 4, accepted=[3]))
+    assert [r.dp_rank for r in svc.table.live_ranks()] == [0, 1]
+    assert [(m.rid, m.dp_rank) for s, m in bus.sent if isinstance(m, Abort)] == [("r3", 0)]
+
+
+async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: DispatcherService) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await svc.on_report(report(0, 1))
+    await svc.on_report(report(1, 1, holding=10_000))
+    await svc.on_request(request(1))
+    await svc.on_request(request(2))
+    await svc.on_report(report(0, 2, accepted=[1]))
+    bus.take()
+    await svc.on_report(report(0, 1, instance="new"))
+    assert sent_to(bus) == {"r2": 0}  # in flight to the old process: dispatched again (rank 0 is lightest)
+    errors = [o for s, m in bus.sent if isinstance(m, TextBatch) for o in m.outputs]
+    assert [(e.rid, e.status) for e in errors] == [("r1", 503)]
+    assert "restarted" in errors[0].message
+
+
+async def test_pending_requests_wait_for_the_first_live_rank(svc: DispatcherService) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await svc.on_request(request(1))
+    assert not sent_to(bus)
+    await svc.on_report(report(1, 1))
+    assert sent_to(bus) == {"r1": 1}
+
+
+async def test_registry_and_load_table_replies(svc: DispatcherService) -> None:
+    first = await svc.on_hello(RankHello(instance_id="a"))
+    second = await svc.on_hello(RankHello(instance_id="b"))
+    third = await svc.on_hello(RankHello(instance_id="c"))
+    assert (first.dp_rank, second.dp_rank, third.dp_rank) == (0, 1, None)
+    await svc.on_report(report(0, 1, instance="a", holding=7))
+    await svc.on_request(request(1, n=5))
+    reply = await svc.on_query(LoadTableQuery())
+    assert reply.method == "minimum_tokens"
+    row = reply.ranks[0]
+    assert (row.dp_rank, row.status, row.holding_tokens, row.in_flight_requests, row.in_flight_tokens) == (
+        0, "live", 7, 1, 5)
