@@ -9,6 +9,7 @@ from safetensors.torch import safe_open
 from torch import nn
 
 from services.scheduler.model.config import ModelConfig
+from services.scheduler.model.parallel import Linears
 from services.scheduler.model.registry import get_model_class
 
 
@@ -16,8 +17,13 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    linears: Linears | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """The model in eval mode with every parameter from the checkpoint, and its config.
+
+    With `linears` (a tensor-parallel builder, e.g. dist.TPLinears; only models whose constructor
+    takes one) each parallel layer keeps its shard of the checkpoint tensor and routed experts of
+    other ranks are skipped.
 
     Raises ValueError if a parameter is missing from the checkpoint, a checkpoint tensor has no
     parameter, or shapes disagree. Buffers (rotary inv_freq) are computed, never loaded.
@@ -29,9 +35,20 @@ def load_model(
         raise ValueError(f"no *.safetensors files in {path}")
 
     with torch.device("meta"):
-        model = get_model_class(config.architecture)(config)
+        cls = get_model_class(config.architecture)
+        model = cls(config) if linears is None else cls(config, linears)  # type: ignore[call-arg]
     params = dict(model.named_parameters(remove_duplicate=False))
+    # parameter name -> (its module, if that module cuts a shard from the full tensor; local name)
+    shard_owner = {
+        f"{mod_name}.{p_name}" if mod_name else p_name: (mod, p_name)
+        for mod_name, mod in model.named_modules()
+        if hasattr(mod, "shard_weight")
+        for p_name, _ in mod.named_parameters(recurse=False)
+    }
+    is_remote = getattr(linears, "is_remote", None)
     tied: set[str] = model.tied_parameter_names() if hasattr(model, "tied_parameter_names") else set()
+    # Parameters kept in float32 whatever `dtype` is (e.g. MoE routing's score correction bias).
+    fp32: tuple[str, ...] = getattr(model, "keep_fp32_suffixes", ())
 
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -40,15 +57,20 @@ def load_model(
             for name in sf.keys():
                 if name in tied:
                     continue  # the tie wins over a redundant copy in the file
+                if is_remote is not None and name not in params and is_remote(name, config.moe):
+                    continue  # another rank's routed expert
                 if name not in params or name.endswith("rotary_emb.inv_freq"):
                     unexpected.append(name)
                     continue
                 t = sf.get_tensor(name)
+                if name in shard_owner:
+                    mod, local_name = shard_owner[name]
+                    t = mod.shard_weight(local_name, t)
                 if tuple(t.shape) != tuple(params[name].shape):
                     raise ValueError(
                         f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}"
                     )
-                loaded[name] = t.to(device=device, dtype=dtype)
+                loaded[name] = t.to(device=device, dtype=torch.float32 if name.endswith(fp32) else dtype)
     missing = sorted(set(params) - set(loaded) - tied)
     if missing or unexpected:
         raise ValueError(
@@ -63,6 +85,9 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(dtype=dtype)
+    for name, param in model.named_parameters():
+        if fp32 and name.endswith(fp32):
+            param.data = loaded[name]
     _init_buffers(model, device)  # after the cast: rotary frequencies stay float32
     model.eval()
     model.requires_grad_(False)
@@ -77,3 +102,5 @@ def _init_buffers(model: nn.Module, device: torch.device | str) -> None:
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        elif hasattr(m, "init_buffers"):
+            m.init_buffers(device)  # modules that know how to rebuild their own buffers

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from services.scheduler.model.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from services.scheduler.model.llama import LlamaForCausalLM, Qwen2ForCausalLM
 
-# Adding an architecture (e.g. DeepseekV2ForCausalLM, DeepseekV3ForCausalLM) is one entry here
-# plus its module; the class takes (ModelConfig) and has forward(ForwardBatch) -> [B, vocab].
+# Adding an architecture is one entry here plus its module; the class takes (ModelConfig) and has
+# forward(ForwardBatch) -> [B, vocab]. Which KV pool it needs: mla_pool.make_kv_pool.
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 
