@@ -6,6 +6,7 @@ is logged with its subject and dropped; a handler that raises is logged; neither
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -105,9 +106,14 @@ class Bus:
             log.warning("dropped undecodable message subject=%s bytes=%d error=%s", msg.subject, len(msg.data), e)
             return None
 
-    async def close(self) -> None:
-        if not self.nc.is_closed:
+    async def close(self, timeout: float = 3.0) -> None:
+        """Drains (delivers what is pending) unless the server is unreachable, then closes."""
+        if self.nc.is_closed:
+            return
+        if self.nc.is_connected:
             try:
-                await self.nc.drain()
-            except Exception:
-                await self.nc.close()
+                await asyncio.wait_for(self.nc.drain(), timeout)
+                return
+            except Exception as e:
+                log.warning("drain failed (%r); closing", e)
+        await self.nc.close()

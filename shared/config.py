@@ -23,6 +23,9 @@ LOAD_BALANCE_METHODS = (
     "cache_aware",
 )
 
+# auto: triton on CUDA, torch elsewhere (services.scheduler.model.attention_backends).
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
 
 @dataclass(frozen=True)
 class ServerArgs:
@@ -34,10 +37,19 @@ class ServerArgs:
     nats_subject_prefix: str = "dpserve"
     dp_size: int = 1
     tp_size: int = 1
-    dp_rank: int = 0  # scheduler only: which DP rank this process serves
-    load_balance_method: str = "round_robin"
+    dp_rank: int = -1  # scheduler only: which DP rank this process serves; -1: ask the rank registry
+    load_balance_method: str = "minimum_tokens"
+    cache_threshold: float = 0.5  # cache_aware: route by prefix when the best match ratio exceeds this
+    balance_abs_threshold: int = 32  # cache_aware: imbalanced when max - min load (tokens) exceeds this
+    balance_rel_threshold: float = 1.0001  # ... and max load exceeds min load times this
+    max_tree_size: int = 1 << 22  # cache_aware: tokens kept per rank's approximate prefix tree (LRU)
     max_running_requests: int = 64
     max_total_tokens: int = 0  # 0: derived from the model's context length
+    mem_fraction_static: float = 0.0  # >0 and no --max-total-tokens: KV pool = this share of free memory
+    chunked_prefill_size: int = 8192  # -1 or 0: off (a prompt is prefilled in one step)
+    max_prefill_tokens: int = 16384  # prompt tokens one step may feed
+    schedule_policy: str = "fcfs"  # fcfs | lpm (longest prefix match first)
+    disable_radix_cache: bool = False
     context_length: int = 0  # 0: the model's max_position_embeddings
     max_queued_requests: int = 1024  # gateway: requests in progress before it answers 503
     request_timeout: float = 600.0  # seconds before the gateway ends a request with an error
@@ -46,6 +58,7 @@ class ServerArgs:
     torch_threads: int = 0  # 0: torch's default
     dtype: str = "float32"
     device: str = "cpu"
+    attention_backend: str = "auto"
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +87,8 @@ class ServerArgs:
                 kwargs: dict[str, Any] = {"type": kind, "default": kind(default)}
                 if f.name == "load_balance_method":
                     kwargs["choices"] = LOAD_BALANCE_METHODS
+                if f.name == "attention_backend":
+                    kwargs["choices"] = ATTENTION_BACKENDS
                 parser.add_argument(flag, **kwargs, help=f"(env {env})")
 
     @classmethod
@@ -92,10 +107,22 @@ class ServerArgs:
     def check(self) -> None:
         if self.dp_size < 1 or self.tp_size < 1:
             raise ValueError("--dp-size and --tp-size must be >= 1")
-        if not 0 <= self.dp_rank < self.dp_size:
-            raise ValueError(f"--dp-rank {self.dp_rank} is outside [0, {self.dp_size})")
+        if not (self.dp_rank == -1 or 0 <= self.dp_rank < self.dp_size):
+            raise ValueError(f"--dp-rank {self.dp_rank} is outside [0, {self.dp_size}) (-1: ask the registry)")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError("--cache-threshold must be in [0, 1]")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
+            raise ValueError("--balance-abs-threshold must be >= 0 and --balance-rel-threshold >= 1")
+        if self.max_tree_size < 1:
+            raise ValueError("--max-tree-size must be >= 1")
         if self.load_balance_method not in LOAD_BALANCE_METHODS:
             raise ValueError(f"unknown --load-balance-method {self.load_balance_method}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown --attention-backend {self.attention_backend}")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"unknown --schedule-policy {self.schedule_policy} (fcfs | lpm)")
+        if not 0 <= self.mem_fraction_static < 1 or self.max_prefill_tokens < 1:
+            raise ValueError("--mem-fraction-static must be in [0, 1) and --max-prefill-tokens >= 1")
 
     def to_cli(self, **overrides: Any) -> list[str]:
         """The flags that reproduce these args (with overrides) in a child process."""

@@ -62,15 +62,28 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
 # --- gateway -> tokenizer -------------------------------------------------------------------
 
 
+class ChatMessage(Struct, kw_only=True, omit_defaults=True):
+    """One OpenAI chat message, content flattened to text; the tokenizer renders the template."""
+
+    role: str
+    content: str = ""
+    name: str | None = None
+
+
 class GenerateRequest(Struct, kw_only=True, omit_defaults=True):
     rid: str
     gateway_id: str  # replies go to subjects.out(gateway_id)
     text: str | None = None
     input_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None  # exactly one of text / input_ids / messages
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     routed_dp_rank: int | None = None
     created: float = 0.0  # wall-clock time the gateway received it
+    # SGLang's /generate logprob options (top level, not sampling params)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # -1: no input logprobs
 
 
 # --- tokenizer -> dispatcher -> scheduler ---------------------------------------------------
@@ -85,6 +98,10 @@ class TokenizedRequest(Struct, kw_only=True, omit_defaults=True):
     routed_dp_rank: int | None = None
     created: float = 0.0
     dispatch_id: int = 0  # set by the dispatcher; acknowledged in LoadReport.accepted
+    # SGLang's /generate logprob options (top level, not sampling params)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # -1: no input logprobs
 
 
 # --- scheduler leader -> detokenizer --------------------------------------------------------
@@ -119,6 +136,12 @@ class TokenOutput(Struct, kw_only=True, omit_defaults=True):
     stop: list[str] = field(default_factory=list)
     finish: FinishReason | None = None
     all_ids: list[int] | None = None
+    # with return_logprob: (logprob, token_id) pairs; input ones once (first output), output
+    # ones for this output's new ids; top ones: the top_logprobs_num best per position
+    input_token_logprobs: list[tuple[float | None, int]] | None = None
+    input_top_logprobs: list[list[tuple[float, int]]] | None = None
+    output_token_logprobs: list[tuple[float, int]] | None = None
+    output_top_logprobs: list[list[tuple[float, int]]] | None = None
 
 
 DETOK_CONTEXT = 4  # a UTF-8 character has at most 4 bytes, a token at least 1
@@ -142,6 +165,12 @@ class TextOutput(Struct, tag="text", kw_only=True, omit_defaults=True):
     cached_tokens: int = 0
     finish: FinishReason | None = None
     full_text: str | None = None  # on finish: decode(all ids), stop string trimmed
+    # with return_logprob: (logprob, token_id) pairs; input ones once (first output), output
+    # ones for this output's new ids; top ones: the top_logprobs_num best per position
+    input_token_logprobs: list[tuple[float | None, int]] | None = None
+    input_top_logprobs: list[list[tuple[float, int]]] | None = None
+    output_token_logprobs: list[tuple[float, int]] | None = None
+    output_top_logprobs: list[list[tuple[float, int]]] | None = None
 
 
 class RequestError(Struct, tag="error", kw_only=True, omit_defaults=True):
@@ -169,6 +198,7 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
     cache_hit_rate: float = 0.0
     accepted: list[int] = field(default_factory=list)  # dispatch ids accepted since last report
     instance_id: str = ""  # changes when the rank process restarts
+    finished: list[int] = field(default_factory=list)  # accepted dispatch ids that ended since last report
 
 
 # --- control: dispatcher / gateway -> all schedulers ----------------------------------------
@@ -176,6 +206,7 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
 
 class Abort(Struct, tag="abort", kw_only=True):
     rid: str
+    dp_rank: int | None = None  # set: only that rank aborts (and drops the rid if it arrives later)
 
 
 class FlushCache(Struct, tag="flush_cache", kw_only=True):
@@ -211,6 +242,9 @@ class RankLoad(Struct, kw_only=True, omit_defaults=True):
     kv_used: int
     kv_total: int
     report_age_s: float
+    accepted_requests: int = 0  # accepted by the rank and not yet finished
+    cache_hit_rate: float = 0.0
+    instance_id: str = ""
 
 
 class LoadTableQuery(Struct, kw_only=True):

@@ -48,3 +48,7 @@ class Subjects:
     @property
     def dispatcher_loads(self) -> str:  # gateway -> dispatcher (request/reply): the load table
         return f"{self.ns}.dispatcher.loads"
+
+    @property
+    def metrics(self) -> str:  # every service -> gateways: MetricsSnapshot (shared/metrics.py)
+        return f"{self.ns}.metrics"

@@ -24,6 +24,8 @@ import msgspec
 from aiohttp import web
 
 from services.gateway.liveness import Liveness
+from services.gateway.metrics import GatewayMetrics, add_metrics_routes
+from services.gateway.openai import add_openai_routes
 from services.gateway.protocol import (
     SSE_DONE,
     GenerateResponse,
@@ -31,19 +33,24 @@ from services.gateway.protocol import (
     MetaInfo,
     encode_json,
     error_body,
+    logprob_meta,
     parse_generate,
     sse_event,
 )
+from services.gateway.sglang_routes import add_sglang_routes
 from services.gateway.streams import RequestStream, Streams
 from shared.actor import Service
 from shared.config import ServerArgs
-from shared.messages import Abort, GenerateRequest, LoadReport, TextBatch
+from shared.messages import Abort, GenerateRequest, LoadReport, LoadTableQuery, LoadTableReply, TextBatch
+from shared.metrics import MetricsSnapshot, publish_snapshots
 from shared.subjects import Subjects
 
 log = logging.getLogger("gateway")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 RETRY_AFTER_S = "1"
+DP_RANK_HEADER = "X-Data-Parallel-Rank"
+STATE_KEY: web.AppKey[GatewayState] = web.AppKey("dpserve_gateway_state")
 
 
 class Publisher(Protocol):
@@ -52,7 +59,8 @@ class Publisher(Protocol):
 
 class GatewayState:
     def __init__(self, bus: Publisher, subjects: Subjects, args: ServerArgs, gateway_id: str = "") -> None:
-        self.bus = bus
+        self.metrics = GatewayMetrics()
+        self.bus: Publisher = self.metrics.watch(bus)  # the metrics see requests start and abort
         self.subjects = subjects
         self.args = args
         self.gateway_id = gateway_id or uuid.uuid4().hex
@@ -60,6 +68,7 @@ class GatewayState:
         self.liveness = Liveness(args.dead_rank_timeout)
         self.created = int(time.time())
         self._tasks: set[asyncio.Task[None]] = set()
+        self.requester: Any = None  # the real bus (request/reply) for GET /get_loads; None in tests
 
     def abort(self, rid: str) -> None:
         """Tells the schedulers to drop `rid`; safe to call from a cancelled handler."""
@@ -133,6 +142,7 @@ class Gateway:
             return json_error(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
         try:
             req = parse_generate(body, state.gateway_id, created)
+            _apply_dp_rank_header(request, req)
         except InvalidRequest as e:
             return json_error(str(e), 400)
         if req.rid in state.streams:
@@ -246,8 +256,39 @@ def _snapshot(stream: RequestStream, t0: float, text: str, final: bool) -> Gener
             cached_tokens=stream.cached_tokens,
             finish_reason=stream.finish if final else None,
             e2e_latency=round(time.monotonic() - t0, 6),
+            **logprob_meta(stream.logprobs),
         ),
     )
+
+
+def _apply_dp_rank_header(request: web.Request, req: GenerateRequest) -> None:
+    """`X-Data-Parallel-Rank: k` routes the request to DP rank k (the body's routed_dp_rank wins)."""
+    value = request.headers.get(DP_RANK_HEADER)
+    if value is None or req.routed_dp_rank is not None:
+        return
+    try:
+        rank = int(value)
+    except ValueError:
+        raise InvalidRequest(f"{DP_RANK_HEADER} must be an integer, got {value!r}") from None
+    if rank < 0:
+        raise InvalidRequest(f"{DP_RANK_HEADER} must be >= 0")
+    req.routed_dp_rank = rank
+
+
+async def get_loads(request: web.Request) -> web.Response:
+    """The dispatcher's load table, one entry per DP rank; 503 when the dispatcher does not answer."""
+    state: GatewayState = request.app[STATE_KEY]
+    if state.requester is None:
+        return json_error("the dispatcher is not reachable from this gateway", 503)
+    try:
+        reply = await state.requester.request(state.subjects.dispatcher_loads, LoadTableQuery(), LoadTableReply, timeout=2.0)
+    except Exception as e:
+        log.warning("get_loads: no answer from the dispatcher: %r", e)
+        return json_error("the dispatcher did not answer", 503, {"Retry-After": RETRY_AFTER_S})
+    ranks = [msgspec.structs.asdict(r) for r in reply.ranks]
+    for r in ranks:
+        r["kv_usage"] = round(r["kv_used"] / r["kv_total"], 4) if r["kv_total"] else 0.0
+    return json_response({"load_balance_method": reply.method, "ranks": ranks})
 
 
 def build_app(state: GatewayState) -> web.Application:
@@ -256,6 +297,11 @@ def build_app(state: GatewayState) -> web.Application:
     app.router.add_post("/generate", gw.generate)
     app.router.add_get("/health", gw.health)
     app.router.add_get("/v1/models", gw.models)
+    app[STATE_KEY] = state
+    app.router.add_get("/get_loads", get_loads)
+    add_openai_routes(app, state)
+    add_sglang_routes(app, state)
+    add_metrics_routes(app, state.metrics, state.gateway_id, lambda: len(state.streams))
     return app
 
 
@@ -265,8 +311,25 @@ class GatewayService(Service):
 
     async def start(self) -> None:
         state = self.state = GatewayState(self.bus, self.subjects, self.args)
-        await self.bus.subscribe(self.subjects.out(state.gateway_id), TextBatch, state.streams.on_batch)
+        state.requester = self.bus
+
+        async def on_out(batch: TextBatch) -> None:
+            state.metrics.observe(batch)
+            state.streams.feed(batch)
+
+        await self.bus.subscribe(self.subjects.out(state.gateway_id), TextBatch, on_out)
         await self.bus.subscribe(self.subjects.load_all, LoadReport, state.liveness.on_report)
+        await self.bus.subscribe(self.subjects.load_all, LoadReport, state.metrics.on_report)
+        await self.bus.subscribe(self.subjects.metrics, MetricsSnapshot, state.metrics.snapshots.on_snapshot)
+        self.spawn(
+            publish_snapshots(
+                self.bus,
+                self.subjects.metrics,
+                "gateway",
+                state.gateway_id,
+                lambda: state.metrics.local_samples(len(state.streams)),
+            )
+        )
         runner = web.AppRunner(
             build_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=5.0
         )

@@ -28,6 +28,9 @@ class GenerateBody(Struct, kw_only=True, forbid_unknown_fields=True):
     stream: bool = False
     rid: str | None = None
     routed_dp_rank: int | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 _decoder = msgspec.json.Decoder(GenerateBody)
@@ -64,6 +67,8 @@ def parse_generate(body: bytes, gateway_id: str, created: float) -> GenerateRequ
         raise InvalidRequest("`rid` must not be empty")
     if req.routed_dp_rank is not None and req.routed_dp_rank < 0:
         raise InvalidRequest("`routed_dp_rank` must be >= 0")
+    if req.top_logprobs_num < 0 or req.logprob_start_len < -1:
+        raise InvalidRequest("`top_logprobs_num` must be >= 0 and `logprob_start_len` >= -1")
 
     return GenerateRequest(
         rid=req.rid or uuid.uuid4().hex,
@@ -74,19 +79,38 @@ def parse_generate(body: bytes, gateway_id: str, created: float) -> GenerateRequ
         stream=req.stream,
         routed_dp_rank=req.routed_dp_rank,
         created=created,
+        return_logprob=req.return_logprob,
+        top_logprobs_num=req.top_logprobs_num,
+        logprob_start_len=req.logprob_start_len,
     )
 
 
 # --- responses --------------------------------------------------------------------------------
 
 
-class MetaInfo(Struct, kw_only=True):
+class MetaInfo(Struct, kw_only=True, omit_defaults=True):
     id: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
     finish_reason: FinishReason | None  # null on every streamed event but the last
     e2e_latency: float  # seconds since the gateway received the request
+    # with return_logprob only: [logprob, token_id, null] triples (SGLang's shape), top: lists of them
+    input_token_logprobs: list[tuple[float | None, int, None]] | None = None
+    output_token_logprobs: list[tuple[float, int, None]] | None = None
+    input_top_logprobs: list[list[tuple[float, int, None]] | None] | None = None
+    output_top_logprobs: list[list[tuple[float, int, None]] | None] | None = None
+
+
+def logprob_meta(acc: dict[str, list[Any]]) -> dict[str, Any]:
+    """MetaInfo's logprob fields from the (logprob, token_id) pairs a stream accumulated."""
+    out: dict[str, Any] = {}
+    for key, items in acc.items():
+        if key.endswith("_top_logprobs"):
+            out[key] = [[(v, t, None) for v, t in row] if row else None for row in items]
+        else:
+            out[key] = [(v, t, None) for v, t in items]
+    return out
 
 
 class GenerateResponse(Struct, kw_only=True):

@@ -35,6 +35,7 @@ class RequestStream:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.logprobs: dict[str, list] = {}  # return_logprob: meta_info key -> accumulated entries
         self.finish: FinishReason | None = None
         self.final_text: str | None = None  # set once finished
         self.error: RequestError | None = None
@@ -68,6 +69,10 @@ class RequestStream:
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         self.cached_tokens = out.cached_tokens
+        for key in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs"):
+            got = getattr(out, key)
+            if got is not None:
+                self.logprobs.setdefault(key, []).extend(got)
         if out.finish is None:
             safe = len(self._received) - self.hold
             if safe > len(self.released):

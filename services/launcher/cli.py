@@ -10,8 +10,11 @@ import signal
 import sys
 import time
 
+from services.bench import main as bench_main
+from services.launcher.config_file import load_config_file
+from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_binary, wait_port
-from services.launcher.tiny_model import create_tiny_model, ensure_tiny_model
+from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model, ensure_tiny_model
 from shared.config import ServerArgs
 from shared.log import setup_logging
 
@@ -21,18 +24,41 @@ STARTUP_TIMEOUT = 600.0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dpserve")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model over HTTP on this machine")
+    parser = argparse.ArgumentParser(
+        prog="dpserve",
+        description="Data-parallel LLM serving: asyncio services on a NATS bus, SGLang's flags and APIs.",
+        epilog="Every serve flag is also the env var DPSERVE_<FLAG> (e.g. DPSERVE_DP_SIZE=2) or a key of --config FILE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP on this machine (embedded nats-server + one process per service)",
+        description="Serve a model: SGLang's /generate, OpenAI's /v1/*, /metrics. Precedence: flags > "
+        "--config file > DPSERVE_* env vars > defaults.",
+    )
+    serve.add_argument("--config", default="", help="YAML or JSON file of serve flags (`dp-size: 2`)")
     ServerArgs.add_cli_args(serve)
-    tiny = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint")
-    tiny.add_argument("dir")
-    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint",
+                          description="Write a tiny random-weight Hugging Face checkpoint (tests, demos).")
+    tiny.add_argument("dir", help="output directory")
+    tiny.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES), help="model architecture")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    bench = sub.add_parser("bench", help="benchmark a server that speaks SGLang's /generate",
+                           description="A serving benchmark after SGLang's bench_serving: prints the "
+                           "'Serving Benchmark Result' block and can append a JSONL record.")
+    bench_main.add_args(bench)
     ns = parser.parse_args(argv)
     if ns.command == "create-tiny-model":
         print(create_tiny_model(ns.dir, arch=ns.arch, seed=ns.seed))
         return
+    if ns.command == "bench":
+        sys.exit(bench_main.main(ns))
+    if ns.config:
+        try:
+            serve.set_defaults(**load_config_file(ns.config))
+        except (OSError, ValueError) as e:
+            parser.error(f"--config: {e}")
+        ns = parser.parse_args(argv)
     args = ServerArgs.from_namespace(ns)
     setup_logging("launcher", args.log_level)
     sys.exit(serve_forever(args))
@@ -66,7 +92,13 @@ def serve_forever(args: ServerArgs) -> int:
         sup.add("gateway", py + ["services.gateway"] + args.to_cli())
         url = f"http://{args.host}:{args.port}"
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not health_ok(url):
+        progress = Progress(args.dp_size, "loading model on DP ranks")
+        while True:
+            info = server_info(url)
+            ranks = len(info["internal_states"]) if info else 0
+            progress.update(ranks)
+            if ranks >= args.dp_size and health_ok(url):
+                break
             if stopping:
                 return 0
             failed = sup.check(restart=False)
@@ -77,7 +109,8 @@ def serve_forever(args: ServerArgs) -> int:
                 log.error("/health did not answer within %.0fs", STARTUP_TIMEOUT)
                 return 1
             time.sleep(0.2)
-        print(f"dpserve is serving {args.model_name} at {url} (dp_size={args.dp_size})", flush=True)
+        progress.close()
+        print(summary(args, url, server_info(url)), flush=True)
         while not stopping:
             sup.check(restart=True)
             time.sleep(0.2)

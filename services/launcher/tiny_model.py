@@ -6,7 +6,7 @@ tokenizer_config.json with a ChatML chat template, special_tokens_map.json). Sam
 byte-identical files. The directory appears atomically: it is built under a temp name beside the
 target and renamed into place, so a reader never sees a half-written checkpoint.
 
-CLI: python -m services.launcher.tiny_model DIR [--arch llama|qwen2] [--seed N]
+CLI: python -m services.launcher.tiny_model DIR [--arch llama|qwen2|deepseek_v2|deepseek_v3] [--seed N]
 """
 
 from __future__ import annotations
@@ -41,8 +41,35 @@ INTERMEDIATE_SIZE = 128
 MAX_POSITIONS = 2048
 ROPE_THETA = 10000.0
 RMS_NORM_EPS = 1e-5
+SIZE_DEFAULTS = {
+    "hidden_size": HIDDEN_SIZE,
+    "num_layers": NUM_LAYERS,
+    "num_heads": NUM_HEADS,
+    "num_kv_heads": NUM_KV_HEADS,
+    "intermediate_size": INTERMEDIATE_SIZE,
+}
 
-ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
+}
+
+# DeepSeek (MLA + MoE): layer 0 dense, layers 1.. MoE with 8 routed experts in 2 groups.
+DEEPSEEK_NUM_LAYERS = 3
+DEEPSEEK_MLA = {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+DEEPSEEK_Q_LORA_RANK = {"deepseek_v2": None, "deepseek_v3": 48}  # V2-Lite style: q_proj straight
+DEEPSEEK_MOE = {
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "n_group": 2,
+    "topk_group": 1,
+}
 
 # ChatML. Content may be a string or a list of OpenAI-style parts, of which text parts are kept.
 CHAT_TEMPLATE = (
@@ -74,26 +101,32 @@ def ensure_tiny_model(dir: str | Path | None = None) -> Path:
     return _create(out, arch="llama", seed=0, replace=False)
 
 
-def create_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+def create_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **sizes: int) -> Path:
     """Write the tiny checkpoint to out_dir (replacing what is there) and return out_dir.
+
+    `sizes` overrides the shape for bigger random models (benchmarks): hidden_size, num_layers,
+    num_heads, num_kv_heads, intermediate_size. Without them the output is the default tiny model.
 
     Replacing a complete dir swaps it by two renames, so readers may briefly find out_dir absent;
     ensure_tiny_model never replaces one."""
-    return _create(Path(out_dir), arch=arch, seed=seed, replace=True)
+    unknown = set(sizes) - set(SIZE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown size overrides {sorted(unknown)}; choose from {sorted(SIZE_DEFAULTS)}")
+    return _create(Path(out_dir), arch=arch, seed=seed, replace=True, sizes=sizes)
 
 
 def _is_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in _REQUIRED_FILES)
 
 
-def _create(out: Path, arch: str, seed: int, replace: bool) -> Path:
+def _create(out: Path, arch: str, seed: int, replace: bool, sizes: dict[str, int] | None = None) -> Path:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     out = out.absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_checkpoint(tmp, arch, seed)
+        _write_checkpoint(tmp, arch, seed, sizes or {})
         _make_readable(tmp)
         _publish(tmp, out, replace)
     finally:
@@ -132,13 +165,13 @@ def _make_readable(d: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
-def _write_checkpoint(d: Path, arch: str, seed: int) -> None:
+def _write_checkpoint(d: Path, arch: str, seed: int, sizes: dict[str, int]) -> None:
     tokenizer = train_tokenizer()
     tokenizer.save(str(d / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
 
-    config = _hf_config(arch, vocab_size, bos_id=ids[BOS_TOKEN], eos_id=ids[EOS_TOKEN])
+    config = _hf_config(arch, vocab_size, bos_id=ids[BOS_TOKEN], eos_id=ids[EOS_TOKEN], sizes=sizes)
     _write_json(d / "config.json", config)
     _write_json(
         d / "generation_config.json",
@@ -192,18 +225,21 @@ def train_tokenizer() -> Tokenizer:
     return tok
 
 
-def _hf_config(arch: str, vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
+def _hf_config(
+    arch: str, vocab_size: int, bos_id: int, eos_id: int, sizes: dict[str, int] | None = None
+) -> dict[str, Any]:
     architecture, model_type = ARCHITECTURES[arch]
+    z = SIZE_DEFAULTS | (sizes or {})
     config: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,
         "vocab_size": vocab_size,
-        "hidden_size": HIDDEN_SIZE,
-        "num_hidden_layers": NUM_LAYERS,
-        "num_attention_heads": NUM_HEADS,
-        "num_key_value_heads": NUM_KV_HEADS,
-        "head_dim": HIDDEN_SIZE // NUM_HEADS,
-        "intermediate_size": INTERMEDIATE_SIZE,
+        "hidden_size": z["hidden_size"],
+        "num_hidden_layers": z["num_layers"],
+        "num_attention_heads": z["num_heads"],
+        "num_key_value_heads": z["num_kv_heads"],
+        "head_dim": z["hidden_size"] // z["num_heads"],
+        "intermediate_size": z["intermediate_size"],
         "hidden_act": "silu",
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_theta": ROPE_THETA,
@@ -219,8 +255,26 @@ def _hf_config(arch: str, vocab_size: int, bos_id: int, eos_id: int) -> dict[str
     }
     if arch == "llama":
         config |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    elif arch.startswith("deepseek"):
+        v3 = arch == "deepseek_v3"
+        config |= {
+            "num_hidden_layers": DEEPSEEK_NUM_LAYERS,
+            "num_key_value_heads": NUM_HEADS,
+            "head_dim": DEEPSEEK_MLA["qk_rope_head_dim"],
+            "q_lora_rank": DEEPSEEK_Q_LORA_RANK[arch],
+            **DEEPSEEK_MLA,
+            **DEEPSEEK_MOE,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "routed_scaling_factor": 2.5 if v3 else 1.0,
+            "norm_topk_prob": v3,
+            "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
+            "scoring_func": "sigmoid" if v3 else "softmax",
+        }
+        if v3:
+            config["rope_interleave"] = True
     else:
-        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": NUM_LAYERS}
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": z["num_layers"]}
     return config
 
 
@@ -232,6 +286,8 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]
     and batched-vs-alone comparisons do not flip on near-ties.
     """
     g = torch.Generator().manual_seed(seed)
+    if config["architectures"][0].startswith("Deepseek"):
+        return _deepseek_weights(config, g)
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = config["head_dim"]
     q_dim, kv_dim = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
@@ -254,6 +310,52 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]
         w[p + "mlp.gate_proj.weight"] = normal(inter, h, std=1 / math.sqrt(h))
         w[p + "mlp.up_proj.weight"] = normal(inter, h, std=1 / math.sqrt(h))
         w[p + "mlp.down_proj.weight"] = normal(h, inter, std=1 / math.sqrt(inter))
+        w[p + "input_layernorm.weight"] = torch.ones(h)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    w["model.norm.weight"] = torch.ones(h)
+    w["lm_head.weight"] = normal(vocab, h, std=3.0 / math.sqrt(h))
+    return w
+
+
+def _deepseek_weights(config: dict[str, Any], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """HF-named DeepSeek weights (experts one module each, as DeepSeek's checkpoints store them)."""
+    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, q_lora, kv_lora = config["num_attention_heads"], config["q_lora_rank"], config["kv_lora_rank"]
+    nope, rope, v = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    experts, moe_inter = config["n_routed_experts"], config["moe_intermediate_size"]
+    shared_inter = moe_inter * config["n_shared_experts"]
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float32) * std).contiguous()
+
+    def mlp(prefix: str, width: int) -> None:
+        w[prefix + "gate_proj.weight"] = normal(width, h, std=1 / math.sqrt(h))
+        w[prefix + "up_proj.weight"] = normal(width, h, std=1 / math.sqrt(h))
+        w[prefix + "down_proj.weight"] = normal(h, width, std=1 / math.sqrt(width))
+
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(vocab, h, std=1.0)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        if q_lora is None:
+            w[a + "q_proj.weight"] = normal(heads * (nope + rope), h, std=1 / math.sqrt(h))
+        else:
+            w[a + "q_a_proj.weight"] = normal(q_lora, h, std=1 / math.sqrt(h))
+            w[a + "q_a_layernorm.weight"] = 1 + normal(q_lora, std=0.1)
+            w[a + "q_b_proj.weight"] = normal(heads * (nope + rope), q_lora, std=1 / math.sqrt(q_lora))
+        w[a + "kv_a_proj_with_mqa.weight"] = normal(kv_lora + rope, h, std=1 / math.sqrt(h))
+        w[a + "kv_a_layernorm.weight"] = 1 + normal(kv_lora, std=0.1)
+        w[a + "kv_b_proj.weight"] = normal(heads * (nope + v), kv_lora, std=1 / math.sqrt(kv_lora))
+        w[a + "o_proj.weight"] = normal(h, heads * v, std=1 / math.sqrt(heads * v))
+        if i < config["first_k_dense_replace"]:
+            mlp(p + "mlp.", inter)
+        else:
+            w[p + "mlp.gate.weight"] = normal(experts, h, std=1 / math.sqrt(h))
+            if config["architectures"][0] == "DeepseekV3ForCausalLM":
+                w[p + "mlp.gate.e_score_correction_bias"] = normal(experts, std=0.1)
+            for e in range(experts):
+                mlp(p + f"mlp.experts.{e}.", moe_inter)
+            mlp(p + "mlp.shared_experts.", shared_inter)
         w[p + "input_layernorm.weight"] = torch.ones(h)
         w[p + "post_attention_layernorm.weight"] = torch.ones(h)
     w["model.norm.weight"] = torch.ones(h)

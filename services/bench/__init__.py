@@ -1,0 +1,1 @@
+"""`dpserve bench`: a serving benchmark client after SGLang's bench_serving."""

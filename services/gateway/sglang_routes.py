@@ -1,0 +1,141 @@
+"""SGLang's operational endpoints beside `/generate`.
+
+- `GET /get_server_info`: the server args plus `internal_states`, one entry per DP rank seen in the
+  load reports (`dp_rank`, `max_total_num_tokens`, load), which SGLang's bench client reads;
+- `GET /get_model_info`: model path and name;
+- `POST /flush_cache`: `FlushCache` to every scheduler on the control subject;
+- `POST /abort_request` `{"rid": ...}` or `{"abort_all": true}`: `Abort` for the request (and its
+  OpenAI choices `{rid}-{i}`) or for every request this gateway has in progress;
+- `GET /health_generate`: a one-token generation through the whole pipeline (tokenizer,
+  dispatcher, a scheduler rank, detokenizer), 200 when it finishes, 503 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+from msgspec import Struct
+
+from services.gateway.protocol import encode_json, error_body
+from services.gateway.submit import SubmitError, submitted, wait_done
+from shared.messages import Abort, FlushCache, GenerateRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from services.gateway.app import GatewayState
+
+HEALTH_GENERATE_TIMEOUT = 20.0
+VERSION = "0.1.0"
+
+
+class AbortBody(Struct, kw_only=True, forbid_unknown_fields=True):
+    rid: str = ""
+    abort_all: bool = False
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encode_json(body), status=status, content_type="application/json")
+
+
+class SGLangRoutes:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def internal_states(self) -> list[dict[str, Any]]:
+        metrics = self.state.metrics
+        throughput = round(metrics.gen_throughput(), 3)
+        out = []
+        for dp_rank, (_, r) in sorted(metrics.reports.items()):
+            out.append(
+                {
+                    "dp_rank": dp_rank,
+                    "max_total_num_tokens": r.kv_total,
+                    "num_used_tokens": r.kv_used,
+                    "num_running_reqs": r.num_running,
+                    "num_queue_reqs": r.num_waiting,
+                    "cache_hit_rate": r.cache_hit_rate,
+                    "live": dp_rank in self.state.liveness.live_ranks(),
+                    "last_gen_throughput": throughput,
+                    "avg_spec_accept_length": None,
+                }
+            )
+        return out
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        args = dataclasses.asdict(self.state.args)
+        args.pop("extra", None)
+        states = self.internal_states()
+        body = args | {
+            "served_model_name": self.state.args.model_name,
+            "version": VERSION,
+            "max_total_num_tokens": min((s["max_total_num_tokens"] for s in states), default=0),
+            "internal_states": states,
+        }
+        return _json(body)
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        args = self.state.args
+        return _json(
+            {
+                "model_path": args.model_path,
+                "tokenizer_path": args.model_path,
+                "served_model_name": args.model_name,
+                "is_generation": True,
+            }
+        )
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        try:
+            await self.state.bus.publish(self.state.subjects.sched_control, FlushCache())
+        except Exception:
+            return _json(error_body("the serving bus is unavailable", 503), 503)
+        return _json({"success": True, "message": "flush_cache sent to every scheduler rank"})
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        try:
+            body = msgspec.json.decode(await request.read() or b"{}", type=AbortBody)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return _json(error_body(f"invalid request: {e}", 400), 400)
+        if not body.rid and not body.abort_all:
+            return _json(error_body("give `rid` or `abort_all: true`", 400), 400)
+        if body.abort_all:
+            rids = list(self.state.streams)
+        else:
+            mine = [r for r in self.state.streams if r.startswith(body.rid + "-")]  # OpenAI choices
+            rids = [body.rid, *mine]
+        for rid in rids:
+            await self.state.bus.publish(self.state.subjects.sched_control, Abort(rid=rid))
+        return _json({"success": True, "aborted": rids})
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        state = self.state
+        req = GenerateRequest(
+            rid=f"health-{uuid.uuid4().hex}",
+            gateway_id=state.gateway_id,
+            input_ids=[0],
+            sampling=SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+            created=time.time(),
+        )
+        timeout = min(state.args.request_timeout, HEALTH_GENERATE_TIMEOUT)
+        try:
+            async with submitted(state, req) as stream:
+                await wait_done(stream, timeout)
+        except SubmitError as e:
+            return _json(error_body(f"health generation failed: {e.message}", 503), 503)
+        if stream.error is not None:
+            return _json(error_body(f"health generation failed: {stream.error.message}", 503), 503)
+        return _json({"status": "ok", "output_ids": stream.output_ids})
+
+
+def add_sglang_routes(app: web.Application, state: GatewayState) -> None:
+    routes = SGLangRoutes(state)
+    app.router.add_get("/get_server_info", routes.server_info)
+    app.router.add_get("/server_info", routes.server_info)
+    app.router.add_get("/get_model_info", routes.model_info)
+    app.router.add_post("/flush_cache", routes.flush_cache)
+    app.router.add_post("/abort_request", routes.abort_request)
+    app.router.add_get("/health_generate", routes.health_generate)
