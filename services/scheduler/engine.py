@@ -134,11 +134,13 @@ class Engine:
             )
         elif req.top_logprobs_num < 0 or req.logprob_start_len < -1:
             problem = "top_logprobs_num must be >= 0 and logprob_start_len >= -1"
+        elif not all(0 <= t < self.cfg.vocab_size for t in req.output_ids):
+            problem = f"resume_output_ids must be in [0, {self.cfg.vocab_size})"
         if problem is not None:
             req.finish = FinishReason(type="abort", message=problem)
             self.finished_early.append(req)
-        elif req.sampling.max_new_tokens == 0:
-            req.finish = FinishReason(type="length", length=0)
+        elif len(req.output_ids) >= req.sampling.max_new_tokens:
+            req.finish = FinishReason(type="length", length=len(req.output_ids))
             self.finished_early.append(req)
         else:
             self.prefill.add(req)
@@ -226,6 +228,17 @@ class Engine:
             result.input_lp.append([token_logprob(row, t) for row, t in zip(rows, toks, strict=True)])
             result.input_top.append([top_logprobs(row, req.top_logprobs_num) for row in rows])
         return result
+
+    @torch.inference_mode()
+    def forward_idle(self) -> None:
+        """DP attention: this group has no tokens but another has; run the model body on an empty
+        batch so this rank joins every feed-forward collective (no KV is read or written)."""
+        empty = torch.empty(0, dtype=torch.int64)
+        batch = ForwardBatch(empty, empty, empty, [], [], [], self.pool)
+        device = self.model.lm_head.weight.device
+        if device.type != "cpu":
+            batch = ForwardBatch(empty.to(device), empty.to(device), empty.to(device), [], [], [], self.pool)
+        self.model.model(batch, getattr(self.model, "attn_backend", None))
 
     def _logits(self, batch: ForwardBatch, rows: list[int]) -> torch.Tensor:
         """Float32 logits at the given token indices of the batch (Llama-family layout)."""
@@ -348,7 +361,7 @@ class Engine:
             all_ids=req.output_ids if req.finished else None,
         )
         if req.return_logprob:
-            first = req.seq == 0
+            first = req.seq == req.first_seq and not req.resumed
             out.input_token_logprobs = list(req.input_logprobs) if first else None
             out.input_top_logprobs = list(req.input_top) if first and req.top_logprobs_num else None
             out.output_token_logprobs = req.output_logprobs[start:]

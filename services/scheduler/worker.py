@@ -1,13 +1,23 @@
-"""The scheduler service of one DP rank: NATS in, engine steps, token batches and load reports out.
+"""The scheduler service of one rank: NATS in, engine steps, token batches and load reports out.
 
 Requests and aborts that arrive while a step runs wait in the inbox and enter the engine at the
 next step boundary. The leader reports its load after every step that changed it (at most every
 `MIN_REPORT_GAP` s) and at least every heartbeat interval.
+
+Under tensor parallelism (`--tp-size` > 1) the rank is one of a torch.distributed world
+(dp_attention.py: the layout; dist_sync.py: the step protocol). Only a group leader
+(attn_tp_rank 0) talks to NATS; its followers receive the step's inputs and sampled tokens from
+it, so every rank of a group holds the same requests in the same order. With DP attention every
+rank joins a per-step all-gather of the groups' token counts: nobody runs when all are idle, and
+a group without work runs an idle batch while another group has some.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +26,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from services.scheduler.engine import Engine, EngineConfig
-from services.scheduler.model.kv_pool import KVPool
+from services.scheduler.dist_sync import GroupSync, StepInputs, init_world
+from services.scheduler.dp_attention import DPAttentionLinears, ParallelLayout, build_linears, new_attn_groups
+from services.scheduler.engine import Engine, EngineConfig, StepPlan, StepResult
+from services.scheduler.model.attention_backends import install_attention_backend
+from services.scheduler.model.config import ModelConfig
+from services.scheduler.model.llama import local_kv_heads
 from services.scheduler.model.loader import load_model
+from services.scheduler.model.mla_pool import kv_bytes_per_token, make_kv_pool
 from services.scheduler.request import Req
 from shared.actor import Service
 from shared.messages import (
@@ -28,6 +43,8 @@ from shared.messages import (
     LoadReport,
     RankAssignment,
     RankHello,
+    RequestError,
+    TextBatch,
     TokenBatch,
     TokenizedRequest,
     TokenOutput,
@@ -37,13 +54,27 @@ MIN_REPORT_GAP = 0.01
 REGISTER_RETRY_S = 1.0  # between rank-registry requests while no rank is assigned
 MAX_FENCED = 4096  # rids remembered from rank-targeted aborts
 DEFAULT_MAX_TOTAL_TOKENS = 65536
+# DP attention, every group idle: a leader re-enters the all-gather after this long without
+# work of its own, so a group that does get work finds the others in the collective.
+IDLE_POLL_S = 0.02
 
 
-def pool_size(max_total_tokens: int, mem_fraction_static: float, bytes_per_token: int, device: str) -> int:
-    """KV pool slots: --max-total-tokens if set, else --mem-fraction-static of the free memory
-    (the GPU's, or the host's MemAvailable on CPU), else DEFAULT_MAX_TOTAL_TOKENS."""
+def pool_size(
+    max_total_tokens: int,
+    mem_fraction_static: float,
+    bytes_per_token: int,
+    device: str,
+    kv_cache_bytes: int = 0,
+    ranks_sharing_memory: int = 1,
+) -> int:
+    """KV pool slots of one rank: --max-total-tokens if set, else --kv-cache-bytes (this rank's
+    budget), else --mem-fraction-static of the free memory (the GPU's, or on CPU the host's
+    MemAvailable split among the `ranks_sharing_memory` scheduler processes), else
+    DEFAULT_MAX_TOTAL_TOKENS."""
     if max_total_tokens > 0:
         return max_total_tokens
+    if kv_cache_bytes > 0:
+        return max(1, kv_cache_bytes // bytes_per_token)
     if mem_fraction_static <= 0:
         return DEFAULT_MAX_TOTAL_TOKENS
     if device.startswith("cuda"):
@@ -51,8 +82,20 @@ def pool_size(max_total_tokens: int, mem_fraction_static: float, bytes_per_token
     else:
         free = next(
             int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:")
-        )
+        ) // max(1, ranks_sharing_memory)
     return max(1, int(free * mem_fraction_static) // bytes_per_token)
+
+
+def kv_config(config: ModelConfig, attn_tp_size: int) -> ModelConfig:
+    """The config whose KV pool one rank holds: MLA's latent is one head, copied on every rank of
+    an attention group; other models keep num_key_value_heads / attn_tp_size heads per rank."""
+    if config.mla is not None or attn_tp_size == 1:
+        return config
+    return dataclasses.replace(
+        config,
+        num_attention_heads=config.num_attention_heads // attn_tp_size,
+        num_key_value_heads=local_kv_heads(config, attn_tp_size),
+    )
 
 
 class SchedulerService(Service):
@@ -62,10 +105,18 @@ class SchedulerService(Service):
         args = self.args
         if args.torch_threads > 0:
             torch.set_num_threads(args.torch_threads)
+        self.layout = ParallelLayout.from_args(args.tp_size, args.dp_size, args.tp_rank, args.enable_dp_attention)
+        self.is_leader = self.layout.is_leader
         self.dp_rank = args.dp_rank
+        if self.layout.dp_groups > 1:
+            if self.dp_rank not in (-1, self.layout.group_index):
+                raise ValueError(f"--dp-rank {self.dp_rank} != tp_rank // attn_tp_size ({self.layout.group_index})")
+            self.dp_rank = self.layout.group_index
+        if self.layout.distributed and self.dp_rank < 0:
+            raise ValueError("a tensor-parallel rank needs an explicit --dp-rank (the launcher passes it)")
         self.instance_id = uuid.uuid4().hex[:8]
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        if self.dp_rank >= 0:  # confirm it before loading, so the registry gives it to no one else
+        if self.is_leader and self.dp_rank >= 0:  # confirm it before loading, so the registry gives it to no one else
             self.spawn(self.register_rank(self.dp_rank))
         self.engine = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_engine)
         if self.dp_rank < 0:
@@ -76,29 +127,46 @@ class SchedulerService(Service):
         self.finished: list[int] = []  # dispatch ids that ended since the last report
         self.fenced: dict[str, None] = {}  # rids the dispatcher took away from this rank (bounded)
         self.inbox: list[Req] = []
+        self.inbox_msgs: list[TokenizedRequest] = []  # the inbox as received, for the group's followers
         self.aborts: list[str] = []
         self.flush = False  # a FlushCache waits until the rank is idle
         self.accepted: list[int] = []
         self.wake = asyncio.Event()
         self.report_seq = 0
         self.last_report = 0.0
-        await self.bus.subscribe(self.subjects.sched_req(self.dp_rank), TokenizedRequest, self.on_request)
-        await self.bus.subscribe(self.subjects.sched_control, ControlMessage, self.on_control)  # type: ignore[arg-type]
+        if self.is_leader:
+            await self.bus.subscribe(self.subjects.sched_req(self.dp_rank), TokenizedRequest, self.on_request)
+            await self.bus.subscribe(self.subjects.sched_control, ControlMessage, self.on_control)  # type: ignore[arg-type]
+            self.spawn(self.heartbeat())
         self.spawn(self.loop())
-        self.spawn(self.heartbeat())
         self.log.info(
-            "dp_rank=%d instance=%s max_total_num_tokens=%d max_running_requests=%d",
-            self.dp_rank, self.instance_id, self.engine.pool.size, args.max_running_requests,
+            "dp_rank=%d tp_rank=%d attn_tp_rank=%d attn_tp_size=%d dp_attention=%s instance=%s "
+            "max_total_num_tokens=%d max_running_requests=%d",
+            self.dp_rank, self.layout.tp_rank, self.layout.attn_tp_rank, self.layout.attn_tp_size,
+            self.layout.dp_groups > 1, self.instance_id, self.engine.pool.size, args.max_running_requests,
         )
 
     def _build_engine(self) -> Engine:
-        args = self.args
+        args, layout = self.args, self.layout
+        if layout.distributed:
+            if not args.dist_init_addr:
+                raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
+            init_world(layout, args.dist_init_addr, args.device)
+        attn_group = new_attn_groups(layout) if layout.distributed else None
+        self.linears = build_linears(layout, attn_group)
+        self.sync = GroupSync(layout, attn_group, args.device)
         dtype = getattr(torch, args.dtype)
-        model, config = load_model(args.model_path, dtype=dtype, device=args.device)
+        model, config = load_model(args.model_path, dtype=dtype, device=args.device, linears=self.linears)
+        attention = install_attention_backend(model, args.attention_backend, args.device)
+        self.log.info("attention backend: %s (--attention-backend %s)", attention, args.attention_backend)
         context_length = args.context_length or config.max_position_embeddings
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
-        size = pool_size(args.max_total_tokens, args.mem_fraction_static, per_token, args.device)
-        pool = KVPool(config.num_hidden_layers, size, config.num_key_value_heads, config.head_dim, dtype, args.device)
+        pool_config = kv_config(config, layout.attn_tp_size)
+        sharing = args.tp_size * (1 if args.enable_dp_attention else args.dp_size)
+        size = pool_size(
+            args.max_total_tokens, args.mem_fraction_static, kv_bytes_per_token(pool_config, dtype), args.device,
+            kv_cache_bytes=args.kv_cache_bytes, ranks_sharing_memory=sharing,
+        )
+        pool = make_kv_pool(pool_config, size, dtype, args.device)
         tokenizer = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
         cfg = EngineConfig(
             max_total_tokens=size,
@@ -117,10 +185,39 @@ class SchedulerService(Service):
         if msg.rid in self.fenced:
             self.log.warning("dropped rid=%s: the dispatcher gave it to another rank", msg.rid)
             return
+        refused = self._refusal(msg)
+        if refused is not None:
+            await self._refuse(msg, *refused)
+            return
         self.inbox.append(Req.from_msg(msg))
+        self.inbox_msgs.append(msg)
         self.accepted.append(msg.dispatch_id)
         self.held[msg.rid] = msg.dispatch_id
         self.wake.set()
+
+    def _refusal(self, msg: TokenizedRequest) -> tuple[str, int] | None:
+        """(message, HTTP status) when this rank will not take `msg`: its waiting queue is full
+        (--max-queued-requests-per-rank; 429, the gateway adds Retry-After), or the request carries
+        values that would break a step (they never pass the tokenizer; this guards the bus)."""
+        bound = self.args.max_queued_requests_per_rank
+        waiting = len(self.engine.waiting) + len(self.inbox)
+        if bound > 0 and waiting >= bound:
+            return f"DP rank {self.dp_rank} is overloaded: {waiting} requests waiting; retry later", 429
+        vocab = self.engine.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in msg.sampling.stop_token_ids):
+            return f"stop_token_ids must be in [0, {vocab})", 400
+        problem = msg.sampling.check()
+        if problem is not None:
+            return problem, 400
+        return None
+
+    async def _refuse(self, msg: TokenizedRequest, message: str, status: int) -> None:
+        """Answers the gateway at once; the dispatcher sees the request accepted and finished."""
+        self.log.warning("refused rid=%s status=%d: %s", msg.rid, status, message)
+        self.accepted.append(msg.dispatch_id)
+        self.finished.append(msg.dispatch_id)
+        error = RequestError(rid=msg.rid, message=message, status=status)
+        await self.bus.publish(self.subjects.out(msg.gateway_id), TextBatch(outputs=[error]))
 
     async def on_control(self, msg: Abort | FlushCache) -> None:
         if isinstance(msg, Abort):
@@ -136,50 +233,93 @@ class SchedulerService(Service):
             self.flush = True
             self.wake.set()
 
-    def _absorb(self) -> bool:
-        """Moves the inbox and aborts into the engine; True if anything changed."""
-        changed = bool(self.inbox or self.aborts)
-        for req in self.inbox:
+    async def _step_inputs(self) -> tuple[list[Req], list[str], bool]:
+        """This step's new requests, aborts and flush flag: the leader's own, shared with its group."""
+        loop = asyncio.get_running_loop()
+        if self.is_leader:
+            reqs, msgs, aborts = self.inbox, self.inbox_msgs, self.aborts
+            self.inbox, self.inbox_msgs, self.aborts = [], [], []
+            if self.layout.attn_tp_size > 1:
+                shared = StepInputs(reqs=msgs, aborts=aborts, flush=self.flush)
+                await loop.run_in_executor(self.executor, self.sync.share_inputs, shared)
+            return reqs, aborts, self.flush
+        got = await loop.run_in_executor(self.executor, self.sync.share_inputs, None)
+        return [Req.from_msg(m) for m in got.reqs], list(got.aborts), got.flush
+
+    def _absorb(self, reqs: list[Req], aborts: list[str], flush: bool) -> bool:
+        """Moves the step's inputs into the engine; True if anything changed."""
+        changed = bool(reqs or aborts)
+        for req in reqs:
             self.engine.add(req)
-        self.inbox.clear()
-        for rid in self.aborts:
+        for rid in aborts:
             if self.engine.abort(rid) is not None:
                 self.log.info("abort rid=%s", rid)
-        self.aborts.clear()
-        if self.flush and not self.engine.has_work:
+        if flush and not self.engine.has_work:
             self.flush = False
             self.log.info("flush_cache freed=%d", self.engine.flush_cache())
         return changed
 
+    def _forward(self, plan: StepPlan | None, counts: list[int]) -> StepResult | None:
+        """Forward thread: the model on this group's batch (None: an idle batch), then the group's
+        sampled tokens made equal to the leader's."""
+        if isinstance(self.linears, DPAttentionLinears):
+            self.linears.step_tokens = counts
+        if plan is None:
+            self.engine.forward_idle()
+            return None
+        result = self.engine.forward(plan)
+        result.sampled.tokens = self.sync.share_tokens(result.sampled.tokens)
+        return result
+
     async def loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            changed = self._absorb()
+            changed = self._absorb(*await self._step_inputs())
             plan = self.engine.schedule()
-            if plan is None:
-                outputs = self.engine.drain_finished_early()
-                await self.emit(outputs)
-                if changed or outputs:
-                    await self.report()
-                if not self.engine.has_work:
-                    self.engine.check_idle_accounting()
-                self.wake.clear()
-                if not (self.inbox or self.aborts):
-                    await self.wake.wait()
+            num_tokens = plan.batch.num_tokens if plan is not None else 0
+            counts = [num_tokens]
+            if self.layout.dp_groups > 1:
+                counts = await loop.run_in_executor(self.executor, self.sync.gather_counts, num_tokens)
+            if not any(counts):
+                await self._idle(changed)
                 continue
             try:
-                result = await loop.run_in_executor(self.executor, self.engine.forward, plan)
+                result = await loop.run_in_executor(self.executor, self._forward, plan, counts)
             except Exception as e:
+                if plan is None:
+                    raise  # an idle batch only runs collectives: this rank can't stay in step
                 self.log.exception("forward failed; ending the %d requests of this step", len(plan.reqs))
                 outputs = self.engine.fail(plan, f"internal error in the forward step: {e!r}")
             else:
-                outputs = self.engine.update(plan, result)
+                if plan is None or result is None:
+                    outputs = self.engine.drain_finished_early()
+                else:
+                    outputs = self.engine.update(plan, result)
             await self.emit(outputs)
             if time.monotonic() - self.last_report >= MIN_REPORT_GAP:
                 await self.report()
 
+    async def _idle(self, changed: bool) -> None:
+        """No group has work: report what ended outside a step, then (leader) wait for input."""
+        outputs = self.engine.drain_finished_early()
+        await self.emit(outputs)
+        if changed or outputs:
+            await self.report()
+        if not self.engine.has_work:
+            self.engine.check_idle_accounting()
+        if not self.is_leader:
+            return  # a follower waits in its next share_inputs
+        self.wake.clear()
+        if self.inbox or self.aborts:
+            return
+        if self.layout.dp_groups > 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), IDLE_POLL_S)
+        else:
+            await self.wake.wait()
+
     async def emit(self, outputs: list[TokenOutput]) -> None:
-        if not outputs:
+        if not outputs or not self.is_leader:
             return
         for out in outputs:
             if out.finish is not None and out.rid in self.held:
@@ -193,6 +333,8 @@ class SchedulerService(Service):
                 await self.report()
 
     async def report(self) -> None:
+        if not self.is_leader:
+            return
         engine = self.engine
         self.report_seq += 1
         self.last_report = time.monotonic()
@@ -233,4 +375,11 @@ class SchedulerService(Service):
             await asyncio.sleep(REGISTER_RETRY_S)
 
     async def stop(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        if not self.layout.distributed:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            return
+        # The forward thread may be blocked in a collective its peers will never join: close the
+        # bus (flushing what was published), then leave without joining that thread.
+        self.log.info("stopped (tp_rank=%d)", self.layout.tp_rank)
+        await self.bus.close()
+        os._exit(0)

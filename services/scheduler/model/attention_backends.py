@@ -112,3 +112,15 @@ def select_attention_backend(name: str, device: torch.device | str) -> Attention
     if resolve_attention_backend(name, device) == "triton":
         return TritonAttentionBackend()
     return TorchAttentionBackend()
+
+
+def install_attention_backend(model: object, name: str, device: torch.device | str) -> str:
+    """Resolves `--attention-backend name` on `device` (ValueError if it cannot run there) and sets
+    it on a model whose attention is pluggable (the Llama family: an `attn_backend` holding a
+    TorchAttentionBackend). Returns what the model attends with, for the startup log; a model with
+    its own attention path (DeepSeek's MLA) keeps it."""
+    chosen = resolve_attention_backend(name, device)
+    if not isinstance(getattr(model, "attn_backend", None), TorchAttentionBackend):
+        return f"{type(model).__name__}'s own attention (--attention-backend {name} does not apply)"
+    model.attn_backend = select_attention_backend(chosen, device)  # type: ignore[attr-defined]
+    return chosen

@@ -3,7 +3,8 @@ MoE feed-forward (see moe.py) in every layer i with moe.is_moe_layer(i), a dense
 
 Parameter names equal Hugging Face's checkpoint names (experts stored one module per expert:
 mlp.experts.{e}.{gate,up,down}_proj.weight), so a checkpoint loads by name. The KV pool must
-be an MLAKVPool (mla_pool.make_kv_pool picks it from the config).
+be an MLAKVPool (mla_pool.make_kv_pool picks it from the config). Attention, embedding and LM head
+are built by `linears.attn`, the feed-forward blocks by `linears.mlp` (parallel.py).
 """
 
 from __future__ import annotations
@@ -25,18 +26,20 @@ class DeepseekDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, linears: Linears) -> None:
         super().__init__()
         assert config.moe is not None
-        self.self_attn = MLAAttention(config, layer_id, linears)
+        self.linears = linears
+        self.self_attn = MLAAttention(config, layer_id, linears.attn)
         self.mlp: nn.Module
+        ffn = linears.mlp
         if config.moe.is_moe_layer(layer_id):
-            self.mlp = DeepseekMoE(config, linears, linears.expert_ids(config.moe), linears.reduce)
+            self.mlp = DeepseekMoE(config, ffn, ffn.expert_ids(config.moe), ffn.reduce)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, linears)
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, ffn)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: DeepseekRotary) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.linears.around_mlp(self.post_attention_layernorm(x), self.mlp)
 
 
 class DeepseekModel(nn.Module):
@@ -44,7 +47,7 @@ class DeepseekModel(nn.Module):
         super().__init__()
         mla = config.mla
         assert mla is not None, "DeepSeek configs carry an MLA section"
-        self.embed_tokens = linears.embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = linears.attn.embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DeepseekDecoderLayer(config, i, linears) for i in range(config.num_hidden_layers)
         )
@@ -71,7 +74,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         lin = linears or Linears()
         self.config = config
         self.model = DeepseekModel(config, lin)
-        self.lm_head = lin.lm_head(config.hidden_size, config.vocab_size)
+        self.lm_head = lin.attn.lm_head(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -9,6 +9,8 @@ Routed experts are split across the same group (EP): rank r holds experts
 [r*E/tp, (r+1)*E/tp), runs them on every token, and the partial outputs are all-reduced.
 Every parallel layer knows how to cut its shard from the full checkpoint tensor (shard_weight),
 which the loader calls, so each rank reads only what it keeps in memory.
+Collectives are skipped on an empty input (DP attention's idle batch): every rank of a group sees
+the same batch, so a group skips together and stays in step.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class RowParallelLinear(_Sharded):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        dist.all_reduce(y, group=self.group)
+        if y.numel():
+            dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -79,7 +82,8 @@ class VocabParallelEmbedding(_Sharded):
         here = (ids >= self.start) & (ids < self.end)
         x = F.embedding((ids - self.start).clamp(0, self.end - self.start - 1), self.weight)
         x = x * here[:, None].to(x.dtype)
-        dist.all_reduce(x, group=self.group)
+        if x.numel():
+            dist.all_reduce(x, group=self.group)
         return x
 
 
@@ -90,6 +94,8 @@ class ParallelLMHead(_Sharded):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(x, self.weight).contiguous()
+        if not local.numel():
+            return x.new_empty(x.shape[0], self.weight.shape[0] * self.tp_size)
         parts = [torch.empty_like(local) for _ in range(self.tp_size)]
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)
@@ -118,7 +124,8 @@ class TPLinears(Linears):
         return range(self.tp_rank * n, (self.tp_rank + 1) * n)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x, group=self.group)
+        if x.numel():
+            dist.all_reduce(x, group=self.group)
         return x
 
     def is_remote(self, name: str, moe: MoEConfig | None) -> bool:

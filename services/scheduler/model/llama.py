@@ -1,7 +1,10 @@
 """Llama-family decoder (Llama 2/3, Qwen2) over a ForwardBatch.
 
 Parameter names equal Hugging Face's, so a checkpoint loads by name. Qwen2 is the same network
-with biases on q/k/v (config.attention_bias is True for it).
+with biases on q/k/v (config.attention_bias is True for it). Layers come from a `Linears` builder
+(parallel.py): under tensor parallelism q/k/v and gate/up are column-split (a rank holds
+num_heads / tp query heads and num_kv_heads / tp kv heads), o and down row-split, so the KV pool of
+a rank holds only its kv heads.
 """
 
 from __future__ import annotations
@@ -14,22 +17,35 @@ from torch import nn
 from services.scheduler.model.attention import TorchAttentionBackend
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
-from services.scheduler.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from services.scheduler.model.layers import RMSNorm, RotaryEmbedding
+from services.scheduler.model.moe import MLP
+from services.scheduler.model.parallel import Linears
+
+
+def local_kv_heads(config: ModelConfig, attn_tp_size: int) -> int:
+    """KV heads one rank of an attention TP group holds."""
+    if config.num_key_value_heads % attn_tp_size or config.num_attention_heads % attn_tp_size:
+        raise ValueError(
+            f"attention heads ({config.num_attention_heads}) and kv heads ({config.num_key_value_heads}) "
+            f"must be divisible by the attention TP size ({attn_tp_size})"
+        )
+    return config.num_key_value_heads // attn_tp_size
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, linears: Linears) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = local_kv_heads(config, linears.tp_size)
+        self.num_heads = config.num_attention_heads // linears.tp_size
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        q_out, kv_out = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = linears.column(hidden, q_out, bias=bias)
+        self.k_proj = linears.column(hidden, kv_out, bias=bias)
+        self.v_proj = linears.column(hidden, kv_out, bias=bias)
+        self.o_proj = linears.row(q_out, hidden, bias=False)
 
     def forward(
         self,
@@ -39,6 +55,8 @@ class LlamaAttention(nn.Module):
         backend: TorchAttentionBackend,
     ) -> torch.Tensor:
         t = x.shape[0]
+        if t == 0:  # an idle batch (DP attention): no rows, and o_proj's collective is skipped
+            return torch.zeros_like(x)
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -48,10 +66,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, linears: Linears) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.linears = linears
+        self.self_attn = LlamaAttention(config, layer_id, linears.attn)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, linears.mlp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -63,14 +82,16 @@ class LlamaDecoderLayer(nn.Module):
         backend: TorchAttentionBackend,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, rotary, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.linears.around_mlp(self.post_attention_layernorm(x), self.mlp)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, linears: Linears) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_tokens = linears.attn.embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, linears) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -82,12 +103,18 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        linears: Linears | None = None,
+        attn_backend: TorchAttentionBackend | None = None,
+    ) -> None:
         super().__init__()
+        lin = linears or Linears()
         self.config = config
         self.attn_backend = attn_backend or TorchAttentionBackend()
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, lin)
+        self.lm_head = lin.attn.lm_head(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

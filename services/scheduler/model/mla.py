@@ -127,6 +127,8 @@ class MLAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: DeepseekRotary) -> torch.Tensor:
         m, t, h = self.mla, x.shape[0], self.num_heads
+        if t == 0:  # an idle batch (DP attention): no rows, and o_proj's collective is skipped
+            return torch.zeros_like(x)
         if m.q_lora_rank is None:
             q = self.q_proj(x)
         else:
