@@ -14,7 +14,7 @@ from typing import Any
 
 import uvloop
 
-from shared.bus import Bus
+from shared.bus import Bus, connect_options
 from shared.config import ServerArgs
 from shared.log import setup_logging
 from shared.subjects import Subjects
@@ -54,7 +54,7 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         async with self.stack:
-            connecting = loop.create_task(Bus.connect(self.args.nats_url, name=self.name))
+            connecting = loop.create_task(Bus.connect(self.args.nats_url, name=self.name, **connect_options(self.args)))
             stop = loop.create_task(self.stopping.wait())
             await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()

@@ -2,12 +2,19 @@
 
 Every payload is a msgspec Struct in msgpack. A payload that does not decode as the subject's type
 is logged with its subject and dropped; a handler that raises is logged; neither stops the service.
+Drop logging is rate-limited per subscription (a flood of garbage must not flood the log): the first
+`DROP_LOG_FIRST` drops each, then every `DROP_LOG_EVERY`-th with the running total.
+
+`connect_options(args)` turns the `--nats-user/--nats-password/--nats-token/--nats-tls-*` flags
+into nats.connect options; every service connects with them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shared.config import ServerArgs
 from shared.messages import encode
 
 T = TypeVar("T")
@@ -25,12 +33,31 @@ log = logging.getLogger("bus")
 Handler = Callable[[T], Awaitable[None]]
 Responder = Callable[[T], Awaitable[msgspec.Struct]]
 
+DROP_LOG_FIRST = 20
+DROP_LOG_EVERY = 1000
+
+
+def connect_options(args: ServerArgs) -> dict[str, Any]:
+    """nats.connect's auth / TLS options from the server args (empty when none are set)."""
+    options: dict[str, Any] = {}
+    if args.nats_user or args.nats_password:
+        options["user"], options["password"] = args.nats_user, args.nats_password
+    if args.nats_token:
+        options["token"] = args.nats_token
+    if args.nats_tls_ca or args.nats_tls_cert or args.nats_url.startswith("tls://"):
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.nats_tls_ca or None)
+        if args.nats_tls_cert:
+            ctx.load_cert_chain(args.nats_tls_cert, args.nats_tls_key)
+        options["tls"] = ctx
+    return options
+
 
 class Bus:
     def __init__(self, nc: Client, name: str) -> None:
         self.nc = nc
         self.name = name
         self.dropped = 0  # messages that failed to decode
+        self.dropped_by_subject: Counter[str] = Counter()  # by subscription (a pattern), so bounded
 
     @classmethod
     async def connect(cls, url: str, name: str, **options: Any) -> Bus:
@@ -67,7 +94,7 @@ class Bus:
         decoder = msgspec.msgpack.Decoder(kind)
 
         async def on_msg(msg: Msg) -> None:
-            item = self._decode(decoder, msg)
+            item = self._decode(decoder, msg, subject)
             if item is None:
                 return
             try:
@@ -82,7 +109,7 @@ class Bus:
         decoder = msgspec.msgpack.Decoder(kind)
 
         async def on_msg(msg: Msg) -> None:
-            item = self._decode(decoder, msg)
+            item = self._decode(decoder, msg, subject)
             if item is None or not msg.reply:
                 return
             try:
@@ -98,12 +125,18 @@ class Bus:
         reply = await self.nc.request(subject, encode(msg), timeout=timeout)
         return msgspec.msgpack.decode(reply.data, type=kind)
 
-    def _decode(self, decoder: msgspec.msgpack.Decoder[Any], msg: Msg) -> Any:
+    def _decode(self, decoder: msgspec.msgpack.Decoder[Any], msg: Msg, subscription: str) -> Any:
         try:
             return decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:  # bad UTF-8 is the last
             self.dropped += 1
-            log.warning("dropped undecodable message subject=%s bytes=%d error=%s", msg.subject, len(msg.data), e)
+            self.dropped_by_subject[subscription] += 1
+            n = self.dropped_by_subject[subscription]
+            if n <= DROP_LOG_FIRST or n % DROP_LOG_EVERY == 0:
+                log.warning(
+                    "dropped undecodable message subject=%s bytes=%d dropped_total=%d error=%s",
+                    msg.subject, len(msg.data), n, str(e)[:200],
+                )
             return None
 
     async def close(self, timeout: float = 3.0) -> None:

@@ -10,8 +10,8 @@ from shared.messages import GenerateRequest, RequestError, TokenizedRequest
 
 
 def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | RequestError:
-    """Invariant of a TokenizedRequest it returns: 1 <= len(input_ids), every id in
-    [0, vocab_size), and len(input_ids) + max_new_tokens <= context_length."""
+    """Invariant of a TokenizedRequest it returns: 1 <= len(input_ids), every id (and stop token id)
+    in [0, vocab_size), and len(input_ids) + max_new_tokens <= context_length."""
 
     def reject(message: str) -> RequestError:
         return RequestError(rid=req.rid, message=message, status=400)
@@ -19,6 +19,9 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     problem = req.sampling.check()
     if problem is not None:
         return reject(problem)
+    bad_stop = next((t for t in req.sampling.stop_token_ids if t >= tok.vocab_size), None)
+    if bad_stop is not None:
+        return reject(f"stop_token_ids contains token id {bad_stop}, outside the vocabulary [0, {tok.vocab_size}).")
     if req.top_logprobs_num < 0 or req.logprob_start_len < -1:
         return reject("top_logprobs_num must be >= 0 and logprob_start_len >= -1")
 

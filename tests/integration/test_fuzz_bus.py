@@ -1,0 +1,181 @@
+"""Bad input on the bus: >= 10,000 random, truncated, wrong-type and bad-value msgpack messages on
+every subject while requests run. Every service stays up, the running requests finish with the
+same greedy output as alone, each drop is logged, and the KV pool goes back to idle.
+
+Out of scope: a *well-formed* RankHello or LoadReport from a new scheduler instance claims its rank
+(that is how a restarted rank rejoins), so a client that may publish on the bus can take a rank
+over; NATS auth (--nats-user/--nats-token, tests/integration/test_security.py) keeps such clients off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from shared.messages import (
+    Abort,
+    FinishReason,
+    GenerateRequest,
+    LoadReport,
+    RankHello,
+    RequestError,
+    SamplingParams,
+    TextBatch,
+    TextOutput,
+    TokenBatch,
+    TokenizedRequest,
+    TokenOutput,
+)
+from shared.subjects import Subjects
+from tests.integration.client import generate, get
+
+N_MESSAGES = 10_000
+GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server(server_factory: Any, nats_url: str) -> Any:
+    return server_factory("--nats-url", nats_url, "--dp-size", "2")
+
+
+def valid_messages(gateway_id: str) -> list[msgspec.Struct]:
+    out = TokenOutput(rid="ghost", gateway_id=gateway_id, seq=0, ids=[1], num_new=1, prompt_tokens=1,
+                      completion_tokens=1)
+    return [
+        GenerateRequest(rid="f", gateway_id="nobody", text="hi"),
+        TokenizedRequest(rid="f", gateway_id="nobody", input_ids=[1, 2]),
+        TokenBatch(dp_rank=0, outputs=[out]),
+        TextBatch(outputs=[TextOutput(rid="ghost", seq=0, text="x", new_ids=[1], prompt_tokens=1,
+                                      completion_tokens=1, finish=FinishReason(type="stop"))]),
+        LoadReport(dp_rank=0, seq=1, timestamp=0.0, holding_tokens=1, num_running=1, num_waiting=0,
+                   kv_used=1, kv_total=10),  # no instance id: nonsense (see the module note)
+        RankHello(instance_id="x"),
+        Abort(rid="ghost"),
+    ]
+
+
+def bad_values(gateway_id: str) -> list[msgspec.Struct]:
+    """Well-typed messages with nonsense in them: each must be refused or ignored, never crash."""
+    nan = math.nan
+    return [
+        TokenizedRequest(rid="b1", gateway_id=gateway_id, input_ids=[-5, 2**40]),
+        TokenizedRequest(rid="b2", gateway_id=gateway_id, input_ids=[1] * 10, dispatch_id=2**62,
+                         sampling=SamplingParams(max_new_tokens=-3)),
+        TokenizedRequest(rid="b3", gateway_id=gateway_id, input_ids=[1, 2],
+                         sampling=SamplingParams(temperature=nan, max_new_tokens=2)),
+        TokenizedRequest(rid="b4", gateway_id=gateway_id, input_ids=[1, 2],
+                         sampling=SamplingParams(stop_token_ids=[10**12], min_new_tokens=1, max_new_tokens=2)),
+        TokenizedRequest(rid="b5", gateway_id=gateway_id, input_ids=[], top_logprobs_num=-7),
+        TokenizedRequest(rid="b6", gateway_id=gateway_id, input_ids=[1], routed_dp_rank=99),
+        GenerateRequest(rid="b7", gateway_id=gateway_id, input_ids=[2**60], sampling=SamplingParams(top_p=nan)),
+        LoadReport(dp_rank=57, seq=1, timestamp=0.0, holding_tokens=0, num_running=0, num_waiting=0,
+                   kv_used=0, kv_total=1, instance_id="x"),
+        LoadReport(dp_rank=0, seq=-1, timestamp=nan, holding_tokens=-10, num_running=-1, num_waiting=0,
+                   kv_used=9, kv_total=1, instance_id="y", cache_hit_rate=nan),
+        LoadReport(dp_rank=-1, seq=2**62, timestamp=1.0, holding_tokens=0, num_running=0, num_waiting=0,
+                   kv_used=0, kv_total=0),
+        TokenBatch(dp_rank=-4, outputs=[TokenOutput(rid="ghost", gateway_id=gateway_id, seq=-1, ids=[-1, 2**50],
+                                                    num_new=99, prompt_tokens=-1, completion_tokens=-1)]),
+        TextBatch(outputs=[RequestError(rid="ghost", message="forged", status=999)]),
+        Abort(rid="", dp_rank=-3),
+    ]
+
+
+def garbage(rng: random.Random, valid: list[bytes]) -> bytes:
+    kind = rng.randrange(5)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(0, 64))
+    if kind == 1:  # a valid message cut short
+        v = rng.choice(valid)
+        return v[: rng.randrange(0, max(1, len(v)))]
+    if kind == 2:  # a valid message with bytes flipped
+        v = bytearray(rng.choice(valid))
+        for _ in range(rng.randrange(1, 4)):
+            v[rng.randrange(len(v))] = rng.randrange(256)
+        return bytes(v)
+    if kind == 3:  # valid msgpack of arbitrary shape
+        return msgspec.msgpack.encode(rng.choice([None, 5, -1, "x", [1, 2], {"rid": 5}, {"dp_rank": "a"}, 1.5]))
+    return rng.choice(valid)  # valid msgpack of (usually) the wrong type for the subject
+
+
+async def flood(nats_url: str, subjects: list[str], gateway_id: str) -> int:
+    rng = random.Random(1234)
+    valid = [msgspec.msgpack.encode(m) for m in valid_messages(gateway_id)]
+    nonsense = [msgspec.msgpack.encode(m) for m in bad_values(gateway_id)]
+    nc = await nats.connect(nats_url)
+    sent = 0
+    for subject in subjects:  # every bad-value message on every subject
+        for payload in nonsense:
+            await nc.publish(subject, payload)
+            sent += 1
+    while sent < N_MESSAGES:
+        for subject in subjects:
+            await nc.publish(subject, garbage(rng, valid))
+            sent += 1
+        if sent % 500 < len(subjects):
+            await nc.flush()
+            await asyncio.sleep(0.02)  # let the services breathe; the flood still overlaps the requests
+    # request/reply subjects get requests too (a reply must not be required to survive)
+    for subject in subjects[-3:]:
+        try:
+            await nc.request(subject, b"\x93\x01", timeout=0.2)
+        except Exception:
+            pass
+    await nc.flush()
+    await nc.close()
+    return sent
+
+
+@pytest.mark.slow
+async def test_bus_fuzz_loses_nothing(server: Any, nats_url: str) -> None:
+    gateway_id = re.search(r"gateway_id=(\w+)", server.log()).group(1)  # type: ignore[union-attr]
+    prompts = [f"fuzz prompt number {i}" for i in range(6)]
+    solo = [generate(server.url, text=p, sampling_params=GREEDY)["output_ids"] for p in prompts]
+
+    s = Subjects("dpserve")
+    subjects = [s.tokenize, s.dispatch, s.sched_req(0), s.sched_req(1), s.sched_req(7), s.sched_control,
+                s.load(0), s.load(1), s.load(9), s.detok, s.out(gateway_id), s.metrics,
+                s.rank_register, s.dispatcher_loads]
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        running = [loop.run_in_executor(pool, lambda p=p: generate(server.url, text=p, sampling_params=GREEDY))
+                   for p in prompts]
+        sent = await flood(nats_url, subjects, gateway_id)
+        results = await asyncio.gather(*running)
+    assert sent >= N_MESSAGES
+    assert [r["output_ids"] for r in results] == solo  # nothing in flight was lost or corrupted
+
+    time.sleep(1.0)
+    assert server.proc.poll() is None
+    log = server.log()
+    assert "exited code" not in log  # the launcher restarted no service
+    drops = [line for line in log.splitlines() if "dropped undecodable message" in line]
+    for service in ("tokenizer", "dispatcher", "scheduler", "detokenizer", "gateway"):
+        assert any(service in line for line in drops), service
+    assert len(drops) >= 100  # every subscription logged its first drops ...
+    assert len(drops) < sent  # ... and the log is rate-limited
+    assert "dropped nonsense load report" in log
+    assert "forward failed" not in log
+
+    # every service still works end to end, and the KV pools are back to idle
+    out = generate(server.url, text=prompts[0], sampling_params=GREEDY)
+    assert out["output_ids"] == solo[0]
+    deadline = time.monotonic() + 10
+    while True:
+        status, loads = get(server.url + "/get_loads")
+        assert status == 200
+        ranks = loads["ranks"]
+        if len(ranks) == 2 and all(r["kv_used"] == 0 and r["num_running"] == 0 for r in ranks):
+            break
+        assert time.monotonic() < deadline, loads
+        time.sleep(0.2)
+    assert sorted(r["dp_rank"] for r in ranks) == [0, 1]  # no forged rank joined the table
