@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from shared.messages import LoadReport, RankLoad, TokenizedRequest
@@ -28,6 +29,30 @@ class InFlight:
     @property
     def tokens(self) -> int:
         return len(self.req.input_ids)
+
+
+MAX_RECENTLY_FINISHED = 8192
+
+
+class RecentlyFinished:
+    """The last MAX_RECENTLY_FINISHED requests that ended on a rank, by rid: if a gateway never got
+    their final output (a detokenizer died with it), they can be run again from what it has."""
+
+    def __init__(self, size: int = MAX_RECENTLY_FINISHED) -> None:
+        self.size = size
+        self._by_rid: OrderedDict[str, tuple[TokenizedRequest, float]] = OrderedDict()
+
+    def add(self, req: TokenizedRequest, at: float) -> None:
+        self._by_rid[req.rid] = (req, at)
+        self._by_rid.move_to_end(req.rid)
+        while len(self._by_rid) > self.size:
+            self._by_rid.popitem(last=False)
+
+    def get(self, rid: str) -> tuple[TokenizedRequest, float] | None:
+        return self._by_rid.get(rid)
+
+    def pop(self, rid: str) -> tuple[TokenizedRequest, float] | None:
+        return self._by_rid.pop(rid, None)
 
 
 @dataclass
@@ -80,6 +105,7 @@ class LoadTable:
         self.dead_after = dead_after
         self.ranks: dict[int, RankState] = {}
         self._live: list[RankState] | None = None  # cache of live_ranks(); None after a change
+        self.finished = RecentlyFinished()
 
     def rank(self, dp_rank: int) -> RankState:
         if dp_rank not in self.ranks:
@@ -118,12 +144,25 @@ class LoadTable:
             rank.in_flight_tokens -= item.tokens
             rank.accepted[dispatch_id] = item.req
         for dispatch_id in report.finished:
-            rank.accepted.pop(dispatch_id, None)
+            done = rank.accepted.pop(dispatch_id, None)
+            if done is not None:
+                self.finished.add(done, rank.received_at)
         out.revived = not rank.live
         if out.revived:
             rank.live = True
             self._live = None
         return out
+
+    def locate(self, rid: str) -> tuple[RankState, int, bool] | None:
+        """Where `rid` is now: (rank, dispatch id, accepted?), or None. A linear scan: recovery only."""
+        for rank in self.ranks.values():
+            for dispatch_id, item in rank.in_flight.items():
+                if item.req.rid == rid:
+                    return rank, dispatch_id, False
+            for dispatch_id, req in rank.accepted.items():
+                if req.rid == rid:
+                    return rank, dispatch_id, True
+        return None
 
     def add_in_flight(self, dp_rank: int, req: TokenizedRequest, now: float | None = None) -> None:
         rank = self.rank(dp_rank)

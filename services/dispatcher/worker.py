@@ -3,7 +3,8 @@
 It keeps the load table from the leaders' heartbeats and the requests it sent, and the rank
 registry. While no rank is live, requests wait in a bounded queue and fail with a clear error once
 they waited `PENDING_TIMEOUT` seconds. When a rank dies (or restarts as a new instance), its
-unaccepted requests go to the live ranks, its accepted ones end with a 503 error, and every one of
+unaccepted requests go to the live ranks, its accepted ones migrate (parked until their gateway
+answers with a Resume carrying the output it holds; `--disable-migration`: a 503 error), and every one of
 them is aborted on that rank alone, so a frozen process that resumes does not serve them twice.
 """
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 import uuid
 from collections import deque
+
+import msgspec
 
 from services.dispatcher.loads import LoadTable, Outcome, RankState
 from services.dispatcher.metrics import DispatcherMetrics
@@ -28,6 +32,8 @@ from shared.messages import (
     RankAssignment,
     RankHello,
     RequestError,
+    Resume,
+    ResumeReply,
     TextBatch,
     TokenizedRequest,
 )
@@ -36,6 +42,9 @@ from shared.metrics import publish_snapshots
 PENDING_TIMEOUT = 30.0  # seconds a request may wait for a live rank
 MAX_PENDING = 4096
 REGISTRATION_GRACE = 10.0  # seconds an assigned rank may stay silent before it is free again
+MAX_FENCED = 8192
+PARK_TIMEOUT = 30.0  # seconds a migrating request waits for its gateway's Resume
+FINAL_GRACE = 1.0  # seconds after a rank reported a request finished before a Resume may rerun it
 
 
 class DispatcherService(Service):
@@ -55,10 +64,18 @@ class DispatcherService(Service):
         self.policy = make_policy(args.load_balance_method, config=config)
         self.dispatch_ids = itertools.count(1)
         self.pending: deque[tuple[float, TokenizedRequest]] = deque()
+        self.dropped_reports = 0  # LoadReports with nonsense fields (report_problem)
+        # rid -> (parked at, request): its rank died while serving it; its gateway was told
+        # (RequestError.migrate) and answers with a Resume carrying the output it already has
+        self.parked: dict[str, tuple[float, TokenizedRequest]] = {}
+        # rid -> ranks told to drop it (rank-targeted Abort): they would drop it again, so a
+        # migrated or re-run request goes elsewhere (bounded, oldest forgotten first)
+        self.fenced: dict[str, set[int]] = {}
         await self.bus.subscribe(self.subjects.dispatch, TokenizedRequest, self.on_request)
         await self.bus.subscribe(self.subjects.load_all, LoadReport, self.on_report)
         await self.bus.serve(self.subjects.dispatcher_loads, LoadTableQuery, self.on_query)
         await self.bus.serve(self.subjects.rank_register, RankHello, self.on_hello)
+        await self.bus.serve(self.subjects.dispatcher_resume, Resume, self.on_resume)
         self.spawn(self.watch_ranks())
         self.metrics = DispatcherMetrics(args.load_balance_method)
         collect = self.metrics.collector(self.table.rows, lambda: len(self.pending))
@@ -71,6 +88,12 @@ class DispatcherService(Service):
 
     async def dispatch(self, req: TokenizedRequest) -> None:
         live = self.table.live_ranks()
+        avoid = self.fenced.get(req.rid)
+        if avoid and live:
+            live = [r for r in live if r.dp_rank not in avoid]
+            if not live and req.routed_dp_rank is None:
+                await self.fail(req, "every live DP rank had to drop this request after a failure", 503)
+                return
         if req.routed_dp_rank is not None:
             if req.routed_dp_rank not in {r.dp_rank for r in live}:
                 await self.fail(req, f"routed_dp_rank {req.routed_dp_rank} is not a live DP rank", 400)
@@ -91,6 +114,13 @@ class DispatcherService(Service):
         self.log.debug("dispatch rid=%s id=%d -> dp%d", req.rid, req.dispatch_id, rank.dp_rank)
 
     async def on_report(self, report: LoadReport) -> None:
+        problem = report_problem(report, self.args.dp_size)
+        if problem is not None:
+            self.dropped_reports += 1
+            if self.dropped_reports <= 20 or self.dropped_reports % 1000 == 0:
+                self.log.warning("dropped nonsense load report dp_rank=%s total=%d: %s",
+                                 report.dp_rank, self.dropped_reports, problem)
+            return
         if not self.registry.admit(report.dp_rank, report.instance_id, time.monotonic()):
             self.log.warning("ignored report of retired instance=%s dp_rank=%d", report.instance_id, report.dp_rank)
             return
@@ -111,7 +141,7 @@ class DispatcherService(Service):
             # It accepted requests that went elsewhere while it was dead: it must drop them.
             strays = set(outcome.strays)
             for req in self._requests_elsewhere(dp_rank, strays):
-                await self.bus.publish(self.subjects.sched_control, Abort(rid=req.rid, dp_rank=dp_rank))
+                await self.fence(req.rid, dp_rank)
         if outcome.revived:
             self.log.info("rank live dp_rank=%d instance=%s", dp_rank, report.instance_id)
             await self.flush_pending()
@@ -147,6 +177,7 @@ class DispatcherService(Service):
             for rank in self.table.expire():
                 await self.on_rank_dead(rank)
             await self.expire_pending()
+            await self.expire_parked()
 
     async def on_rank_dead(self, rank: RankState) -> None:
         self.registry.release(rank.dp_rank)
@@ -165,7 +196,11 @@ class DispatcherService(Service):
         frozen, it drops them when it resumes instead of answering twice.
         """
         for req in lost:
-            await self.fail(req, f"DP rank {dp_rank} {why} while serving the request", 503)
+            message = f"DP rank {dp_rank} {why} while serving the request"
+            if self.args.disable_migration or req.routed_dp_rank is not None:
+                await self.fail(req, message, 503)
+            else:
+                await self.park(req, message)
         for req in orphans:
             if req.routed_dp_rank is not None:
                 await self.fail(req, f"DP rank {dp_rank} {why} before accepting the request", 503)
@@ -173,7 +208,66 @@ class DispatcherService(Service):
                 await self.dispatch(req)
         if abort:
             for req in lost + orphans:
-                await self.bus.publish(self.subjects.sched_control, Abort(rid=req.rid, dp_rank=dp_rank))
+                await self.fence(req.rid, dp_rank)
+
+    async def fence(self, rid: str, dp_rank: int) -> None:
+        """Aborts `rid` on `dp_rank` alone (it drops the rid if it arrives later, too)."""
+        self.fenced.setdefault(rid, set()).add(dp_rank)
+        while len(self.fenced) > MAX_FENCED:
+            del self.fenced[next(iter(self.fenced))]
+        await self.bus.publish(self.subjects.sched_control, Abort(rid=rid, dp_rank=dp_rank))
+
+    async def park(self, req: TokenizedRequest, message: str) -> None:
+        """Migration, step 1: tell the gateway; it answers with a Resume (`on_resume`)."""
+        self.parked[req.rid] = (time.monotonic(), req)
+        self.log.warning("migrating rid=%s: %s", req.rid, message)
+        notice = RequestError(rid=req.rid, message=message + "; migrating", status=503, migrate=True)
+        await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[notice]))
+
+    async def on_resume(self, msg: Resume) -> ResumeReply:
+        """Continues `msg.rid` from the gateway's output, unless it is still running somewhere.
+
+        Re-dispatched: a parked request (its rank died), or one that finished more than
+        FINAL_GRACE s ago whose final output never reached the gateway. The new dispatch carries
+        the gateway's output ids as `resume_output_ids` and `first_seq`, a new seq epoch, so any
+        late output of the earlier run sorts below it and is ignored.
+        """
+        parked = self.parked.pop(msg.rid, None)
+        if parked is not None:
+            req = parked[1]
+        else:
+            where = self.table.locate(msg.rid)
+            if where is not None:
+                return ResumeReply(status="running", dp_rank=where[0].dp_rank)
+            if any(r.rid == msg.rid for _, r in self.pending):
+                return ResumeReply(status="running", message="waiting for a live rank")
+            done = self.table.finished.get(msg.rid)
+            if done is None:
+                return ResumeReply(status="unknown", message="the dispatcher does not know this request")
+            if time.monotonic() - done[1] < FINAL_GRACE:
+                return ResumeReply(status="running", message="just finished")
+            self.table.finished.pop(msg.rid)
+            req = done[0]
+        if req.gateway_id != msg.gateway_id:
+            return ResumeReply(status="unknown", message="the request belongs to another gateway")
+        resumed = msgspec.structs.replace(
+            req,
+            resume_output_ids=list(msg.output_ids),
+            first_seq=msg.first_seq,
+            dispatch_id=next(self.dispatch_ids),
+        )
+        self.log.info(
+            "resume rid=%s mode=%s output_ids=%d first_seq=%d", msg.rid, msg.mode, len(msg.output_ids), msg.first_seq
+        )
+        await self.dispatch(resumed)
+        return ResumeReply(status="dispatched")
+
+    async def expire_parked(self) -> None:
+        now = time.monotonic()
+        for rid, (at, req) in list(self.parked.items()):
+            if now - at > PARK_TIMEOUT:
+                del self.parked[rid]
+                await self.fail(req, f"migration of the request timed out after {PARK_TIMEOUT:.0f}s", 503)
 
     async def expire_pending(self) -> None:
         now = time.monotonic()
@@ -185,3 +279,20 @@ class DispatcherService(Service):
         self.log.warning("reject rid=%s status=%d: %s", req.rid, status, message)
         error = RequestError(rid=req.rid, message=message, status=status)
         await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[error]))
+
+
+def report_problem(r: LoadReport, dp_size: int) -> str | None:
+    """What makes a LoadReport nonsense (it would corrupt the load table), or None. Schedulers
+    always send an instance id, finite numbers, counts >= 0 and kv_used <= kv_total."""
+    if not 0 <= r.dp_rank < dp_size:
+        return f"dp_rank outside [0, {dp_size})"
+    if not r.instance_id:
+        return "no instance_id"
+    if not all(math.isfinite(x) for x in (r.timestamp, r.cache_hit_rate)) or not 0 <= r.cache_hit_rate <= 1:
+        return "timestamp / cache_hit_rate not finite or out of range"
+    counts = (r.seq, r.holding_tokens, r.num_running, r.num_waiting, r.kv_used, r.kv_total)
+    if min(counts) < 0 or r.kv_used > r.kv_total:
+        return "negative counts or kv_used > kv_total"
+    if any(d < 0 for d in r.accepted) or any(d < 0 for d in r.finished):
+        return "negative dispatch ids"
+    return None

@@ -7,6 +7,7 @@ while serving is restarted after a short back-off.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shared.config import ServerArgs
 
 log = logging.getLogger("launcher")
 
@@ -41,6 +44,27 @@ def nats_server_binary() -> str:
     return found
 
 
+def nats_server_argv(port: int, args: ServerArgs, conf_dir: Path) -> list[str]:
+    """The embedded nats-server's command line. Auth and TLS, when the flags ask for them, go in a
+    config file readable by this user only, so no secret appears in `ps`."""
+    argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
+    lines = []
+    if args.nats_user or args.nats_password:
+        lines.append(f"authorization {{ user: {json.dumps(args.nats_user)}, password: {json.dumps(args.nats_password)} }}")
+    elif args.nats_token:
+        lines.append(f"authorization {{ token: {json.dumps(args.nats_token)} }}")
+    if args.nats_tls_cert:
+        lines.append(
+            f"tls {{ cert_file: {json.dumps(args.nats_tls_cert)}, key_file: {json.dumps(args.nats_tls_key)} }}"
+        )
+    if not lines:
+        return argv
+    conf = conf_dir / "nats-server.conf"
+    conf.touch(mode=0o600)
+    conf.write_text("\n".join(lines) + "\n")
+    return argv + ["-c", str(conf)]
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -53,6 +77,7 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    group: str = ""  # children of one group (a torch.distributed world) restart together
 
     def start(self) -> None:
         env = os.environ | self.env
@@ -68,8 +93,8 @@ class Supervisor:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        child = Child(name, argv, env or {})
+    def add(self, name: str, argv: list[str], env: dict[str, str] | None = None, group: str = "") -> Child:
+        child = Child(name, argv, env or {}, group=group)
         child.start()
         self.children.append(child)
         return child
@@ -83,30 +108,44 @@ class Supervisor:
             if not restart:
                 return child
             log.warning("%s exited code=%s; restarting", child.name, code)
+            peers = [c for c in self.children if child.group and c.group == child.group and c is not child]
+            if peers:
+                # One member of a torch.distributed world died: the others are stuck in (or will
+                # time out of) its collectives, so the whole world starts again.
+                log.warning("restarting its group %s: %s", child.group, " ".join(c.name for c in peers))
+                _terminate(peers, timeout=5.0)
             time.sleep(RESTART_BACKOFF)
-            child.restarts += 1
-            child.start()
+            for member in [child, *peers]:
+                member.restarts += 1
+                member.start()
         return None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM everyone (services first, nats-server last), then SIGKILL what is left."""
-        order = [c for c in self.children if c.name != "nats-server"] + [
-            c for c in self.children if c.name == "nats-server"
-        ]
-        for group in (order[:-1], order[-1:]) if order and order[-1].name == "nats-server" else (order,):
-            for child in group:
-                if child.exited is None and child.proc is not None:
-                    child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            for child in group:
-                if child.proc is None:
-                    continue
-                try:
-                    child.proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in %.0fs; killing", child.name, timeout)
-                    child.proc.kill()
-                    child.proc.wait()
+    def stop(self, timeout: float = 10.0, grace: float = 0.0) -> None:
+        """Gateways first (SIGTERM: they refuse new requests and let running ones finish within
+        `grace` s), then the other services, nats-server last; SIGKILL for whoever overstays."""
+        gateways = [c for c in self.children if c.name.startswith("gateway")]
+        nats = [c for c in self.children if c.name == "nats-server"]
+        services = [c for c in self.children if c not in gateways and c not in nats]
+        _terminate(gateways, timeout=grace + timeout)
+        _terminate(services, timeout=timeout)
+        _terminate(nats, timeout=timeout)
+
+
+def _terminate(children: list[Child], timeout: float) -> None:
+    """SIGTERM each, wait up to `timeout` s for all of them, then SIGKILL the rest."""
+    for child in children:
+        if child.exited is None and child.proc is not None:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing", child.name, timeout)
+            child.proc.kill()
+            child.proc.wait()
 
 
 def wait_port(host: str, port: int, timeout: float) -> None:

@@ -37,6 +37,8 @@ class Req:
     extend_now: int = 0  # tokens this step feeds
     row: int = -1  # row in the req-to-token table while it holds KV
     seq: int = 0  # next TokenOutput sequence number
+    first_seq: int = 0  # seq of this request's first TokenOutput here (> 0 after a migration)
+    resumed: int = 0  # output ids it brought from an earlier rank (migration)
     emitted: int = 0  # output ids already sent to the detokenizer
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
     admitted: bool = False
@@ -65,6 +67,14 @@ class Req:
             top_logprobs_num=msg.top_logprobs_num,
             logprob_start_len=msg.logprob_start_len,
         )
+        if msg.resume_output_ids:
+            # A migrated request: what it generated elsewhere is output already (max_new_tokens,
+            # penalties, stop checks count it); it is fed as part of the first prefill and never
+            # sent again, and its outputs continue at the epoch the gateway expects.
+            req.output_ids = list(msg.resume_output_ids)
+            req.emitted = len(req.output_ids)
+            req.resumed = len(req.output_ids)
+        req.seq = req.first_seq = msg.first_seq
         return req
 
     def __post_init__(self) -> None:

@@ -1,0 +1,57 @@
+"""Graceful shutdown of a gateway: stop accepting, let running requests finish, then exit.
+
+On SIGTERM the gateway sets `draining`: from then on every route but `GET /metrics` answers 503
+with `Retry-After` (`/health` too, so load balancers stop sending), while the requests already in
+progress keep streaming. `drain_requests` returns once none is left or after the grace period
+(`--shutdown-grace-period`); the HTTP server then closes and cancels what is left, whose handlers
+abort their requests on the schedulers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from services.gateway.protocol import encode_json, error_body
+from services.gateway.streams import Streams
+
+log = logging.getLogger("gateway.shutdown")
+
+ALWAYS_OPEN = {"/metrics"}
+
+
+class Draining:
+    def __init__(self) -> None:
+        self.active = False
+
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        @web.middleware
+        async def refuse_while_draining(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if self.active and request.path not in ALWAYS_OPEN:
+                return web.Response(
+                    body=encode_json(error_body("the server is shutting down", 503)),
+                    status=503,
+                    headers={"Retry-After": "1"},
+                    content_type="application/json",
+                )
+            return await handler(request)
+
+        return refuse_while_draining
+
+
+async def drain_requests(draining: Draining, streams: Streams, grace: float) -> None:
+    draining.active = True
+    deadline = time.monotonic() + grace
+    log.info("draining: %d requests in progress, grace %.1fs", len(streams), grace)
+    while len(streams) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if len(streams):
+        log.warning("grace period over: cancelling %d requests", len(streams))
+    else:
+        log.info("drained")
