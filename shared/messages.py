@@ -6,8 +6,12 @@ later without breaking older peers; control messages form a tagged union.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 from msgspec import Struct, field
+
+GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -30,6 +34,12 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
 
     def check(self) -> str | None:
         """Returns what is wrong with these parameters, or None."""
+        floats = (self.temperature, self.top_p, self.min_p, self.frequency_penalty, self.presence_penalty,
+                  self.repetition_penalty)
+        if not all(math.isfinite(x) for x in floats):
+            return "sampling parameters must be finite numbers (no NaN or infinity)"
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            return "seed must be in [0, 2**63)"
         if self.max_new_tokens < 0:
             return "max_new_tokens must be >= 0"
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
@@ -56,7 +66,8 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below GREEDY_TEMPERATURE, logits / temperature overflows: such a request is greedy
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 # --- gateway -> tokenizer -------------------------------------------------------------------
@@ -102,6 +113,11 @@ class TokenizedRequest(Struct, kw_only=True, omit_defaults=True):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no input logprobs
+    # migration / recovery (services/gateway/migrate.py): output ids the request already generated
+    # elsewhere (the scheduler feeds them as output: they count toward max_new_tokens, penalties and
+    # stop checks) and the seq of its first TokenOutput (a new epoch, above every earlier seq)
+    resume_output_ids: list[int] = field(default_factory=list)
+    first_seq: int = 0
 
 
 # --- scheduler leader -> detokenizer --------------------------------------------------------
@@ -171,12 +187,16 @@ class TextOutput(Struct, tag="text", kw_only=True, omit_defaults=True):
     input_top_logprobs: list[list[tuple[float, int]]] | None = None
     output_token_logprobs: list[tuple[float, int]] | None = None
     output_top_logprobs: list[list[tuple[float, int]]] | None = None
+    # with output logprobs: token id -> that token's bytes alone (special tokens included), for
+    # every id in output_token_logprobs / output_top_logprobs; the gateway has no tokenizer
+    token_bytes: dict[int, bytes] | None = None
 
 
 class RequestError(Struct, tag="error", kw_only=True, omit_defaults=True):
     rid: str
     message: str
     status: int = 400  # HTTP status the gateway answers with
+    migrate: bool = False  # the rank serving it died: the gateway may continue it elsewhere (Resume)
 
 
 class TextBatch(Struct, kw_only=True):
@@ -245,6 +265,27 @@ class RankLoad(Struct, kw_only=True, omit_defaults=True):
     accepted_requests: int = 0  # accepted by the rank and not yet finished
     cache_hit_rate: float = 0.0
     instance_id: str = ""
+
+
+class Resume(Struct, kw_only=True, omit_defaults=True):
+    """gateway -> dispatcher (request/reply): continue `rid` from the output the gateway holds.
+
+    mode "migrate": after a RequestError(migrate=True); "stall": no progress for a while — the
+    dispatcher re-dispatches only if the request is no longer running anywhere (finished with its
+    last outputs lost, or parked after its rank died) and else answers where it is.
+    """
+
+    rid: str
+    gateway_id: str
+    output_ids: list[int]
+    first_seq: int
+    mode: str = "stall"
+
+
+class ResumeReply(Struct, kw_only=True, omit_defaults=True):
+    status: str  # "dispatched" | "running" | "unknown" | "failed"
+    message: str = ""
+    dp_rank: int | None = None
 
 
 class LoadTableQuery(Struct, kw_only=True):

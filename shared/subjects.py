@@ -50,5 +50,9 @@ class Subjects:
         return f"{self.ns}.dispatcher.loads"
 
     @property
+    def dispatcher_resume(self) -> str:  # gateway -> dispatcher (request/reply): Resume a request
+        return f"{self.ns}.dispatcher.resume"
+
+    @property
     def metrics(self) -> str:  # every service -> gateways: MetricsSnapshot (shared/metrics.py)
         return f"{self.ns}.metrics"

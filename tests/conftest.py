@@ -34,14 +34,17 @@ def nats_url() -> Iterator[str]:
 class Server:
     """`dpserve serve` as a real subprocess tree; its log lands in `log_path`."""
 
-    def __init__(self, model: Path, log_path: Path, *flags: str) -> None:
+    def __init__(self, model: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         argv = [sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model)]
         argv += ["--port", str(self.port), "--torch-threads", "1", *flags]
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **env} if env else None,  # `env`: added to this process's environment
+        )
         deadline = time.monotonic() + 240
         while not health_ok(self.url):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -68,8 +71,8 @@ class Server:
 def server_factory(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
     started: list[Server] = []
 
-    def start(*flags: str) -> Server:
-        server = Server(tiny_model, tmp_path_factory.mktemp("server") / "serve.log", *flags)
+    def start(*flags: str, env: dict[str, str] | None = None) -> Server:
+        server = Server(tiny_model, tmp_path_factory.mktemp("server") / "serve.log", *flags, env=env)
         started.append(server)
         return server
 

@@ -36,7 +36,17 @@ def detokenize_one(out: TokenOutput, decoder: IncrementalDecoder) -> TextOutput:
         input_top_logprobs=out.input_top_logprobs,
         output_token_logprobs=out.output_token_logprobs,
         output_top_logprobs=out.output_top_logprobs,
+        token_bytes=token_bytes(out, decoder),
     )
+
+
+def token_bytes(out: TokenOutput, decoder: IncrementalDecoder) -> dict[int, bytes] | None:
+    """Each id named by the output logprobs -> its bytes alone (None without output logprobs)."""
+    if not out.output_token_logprobs and not out.output_top_logprobs:
+        return None
+    ids = {t for _, t in out.output_token_logprobs or ()}
+    ids.update(t for row in out.output_top_logprobs or () for _, t in row)
+    return {t: decoder.to_bytes([t], skip_special_tokens=False) for t in sorted(ids)}
 
 
 def detokenize_batch(batch: TokenBatch, decoder: IncrementalDecoder) -> dict[str, TextBatch]:

@@ -23,9 +23,12 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
+from services.gateway.auth import api_key_middleware
 from services.gateway.liveness import Liveness
 from services.gateway.metrics import GatewayMetrics, add_metrics_routes
+from services.gateway.migrate import Recovery
 from services.gateway.openai import add_openai_routes
+from services.gateway.openapi import OPENAPI
 from services.gateway.protocol import (
     SSE_DONE,
     GenerateResponse,
@@ -38,6 +41,7 @@ from services.gateway.protocol import (
     sse_event,
 )
 from services.gateway.sglang_routes import add_sglang_routes
+from services.gateway.shutdown import Draining, drain_requests
 from services.gateway.streams import RequestStream, Streams
 from shared.actor import Service
 from shared.config import ServerArgs
@@ -66,6 +70,7 @@ class GatewayState:
         self.gateway_id = gateway_id or uuid.uuid4().hex
         self.streams = Streams()
         self.liveness = Liveness(args.dead_rank_timeout)
+        self.draining = Draining()  # set on SIGTERM: new requests get 503 (services/gateway/shutdown.py)
         self.created = int(time.time())
         self._tasks: set[asyncio.Task[None]] = set()
         self.requester: Any = None  # the real bus (request/reply) for GET /get_loads; None in tests
@@ -95,6 +100,8 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def json_error(message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    if status in (429, 503) and headers is None:  # overload: tell the client when to come back
+        headers = {"Retry-After": RETRY_AFTER_S}
     return json_response(error_body(message, status), status, headers)
 
 
@@ -292,7 +299,9 @@ async def get_loads(request: web.Request) -> web.Response:
 
 
 def build_app(state: GatewayState) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    middlewares = [json_errors] + ([api_key_middleware(state.args.api_key)] if state.args.api_key else [])
+    middlewares = [*middlewares, state.draining.middleware()]
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     gw = Gateway(state)
     app.router.add_post("/generate", gw.generate)
     app.router.add_get("/health", gw.health)
@@ -302,7 +311,12 @@ def build_app(state: GatewayState) -> web.Application:
     add_openai_routes(app, state)
     add_sglang_routes(app, state)
     add_metrics_routes(app, state.metrics, state.gateway_id, lambda: len(state.streams))
+    app.router.add_get("/openapi.json", openapi_json)
     return app
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(OPENAPI)
 
 
 class GatewayService(Service):
@@ -312,8 +326,13 @@ class GatewayService(Service):
     async def start(self) -> None:
         state = self.state = GatewayState(self.bus, self.subjects, self.args)
         state.requester = self.bus
+        # migration and lost-step recovery (services/gateway/migrate.py)
+        recovery = Recovery(state, self.bus)
+        state.bus = recovery.watch(state.bus)
+        self.spawn(recovery.watchdog())
 
         async def on_out(batch: TextBatch) -> None:
+            batch = recovery.intercept(batch)
             state.metrics.observe(batch)
             state.streams.feed(batch)
 
@@ -342,3 +361,7 @@ class GatewayService(Service):
         self.log.info(
             "listening http://%s:%d gateway_id=%s", self.args.host, self.args.port, state.gateway_id
         )
+
+    async def stop(self) -> None:
+        """SIGTERM: refuse new requests, let running ones finish within the grace period."""
+        await drain_requests(self.state.draining, self.state.streams, self.args.shutdown_grace_period)

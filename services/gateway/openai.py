@@ -12,6 +12,10 @@ Streaming follows OpenAI's chunk format: chat sends a first chunk per choice wit
 delta; with `stream_options.include_usage` every chunk has `"usage": null` and one last chunk has
 empty `choices` and the usage. Text deltas come from the stream's `released` text, so a stop string
 is never streamed (the gateway's hold-back, services/gateway/streams.py).
+
+Logprobs (chat `logprobs` + `top_logprobs`, completions `logprobs: k`) become /generate's
+`return_logprob` + `top_logprobs_num`; a streamed chunk carries the entries of the tokens received
+since the previous chunk of its choice (services/gateway/openai_logprobs.py builds both shapes).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import msgspec
 from aiohttp import web
 from msgspec import Struct
 
-from services.gateway.protocol import SSE_DONE, encode_json, sse_event
+from services.gateway.openai_logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, num_entries
+from services.gateway.protocol import SSE_DONE, InvalidRequest, check_encodable, encode_json, sse_event
 from services.gateway.streams import RequestStream
 from services.gateway.submit import SubmitError, submitted
 from shared.messages import ChatMessage, GenerateRequest, SamplingParams
@@ -161,6 +166,12 @@ def sampling_of(body: _Common, max_tokens: int | None, default_max: int) -> Samp
     return params
 
 
+def check_top(k: int, param: str) -> int:
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise OpenAIError(f"{param} must be between 0 and {MAX_TOP_LOGPROBS}", param=param)
+    return k
+
+
 def completion_prompts(body: CompletionBody) -> list[Prompt]:
     p = body.prompt
     if isinstance(p, str):
@@ -207,11 +218,22 @@ def chat_messages(body: ChatBody) -> list[ChatMessage]:
 class Choice:
     """One running choice: its index and stream, and how much of its text was streamed."""
 
-    def __init__(self, index: int, prompt_index: int, stream: RequestStream) -> None:
+    def __init__(self, index: int, prompt_index: int, stream: RequestStream, top: int | None = None) -> None:
         self.index, self.prompt_index, self.stream = index, prompt_index, stream
+        self.top = top  # None: no logprobs requested; else top logprobs per token (0..20)
         self.sent = 0  # characters of `stream.released` already streamed
+        self.logprobs_sent = 0  # output positions whose logprobs were streamed
         self.started = False  # chat: the role chunk went out
         self.finished = False  # the finish_reason chunk went out
+
+    def logprobs_since(self, start: int, chat: bool) -> dict[str, Any] | None:
+        """The logprobs object for the output positions from `start` on, and marks them sent;
+        None when no logprobs were requested."""
+        if self.top is None:
+            return None
+        end = num_entries(self.stream)
+        self.logprobs_sent = end
+        return chat_logprobs(self.stream, start, end) if chat else completion_logprobs(self.stream, start, end)
 
 
 def finish_reason(stream: RequestStream) -> str | None:
@@ -253,8 +275,9 @@ class OpenAIRoutes:
             if chat:
                 body = decode_body(raw, ChatBody)
                 assert isinstance(body, ChatBody)
-                if body.logprobs or body.top_logprobs is not None:
-                    raise OpenAIError("logprobs are not supported yet", param="logprobs")
+                if body.top_logprobs is not None and not body.logprobs:
+                    raise OpenAIError("top_logprobs requires logprobs: true", param="top_logprobs")
+                top = check_top(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
                 prompts: list[Prompt] = [chat_messages(body)]
                 max_tokens = (
                     body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -263,8 +286,9 @@ class OpenAIRoutes:
             else:
                 body = decode_body(raw, CompletionBody)
                 assert isinstance(body, CompletionBody)
-                if body.logprobs is not None:
-                    raise OpenAIError("logprobs are not supported yet", param="logprobs")
+                top = None if body.logprobs is None else check_top(body.logprobs, "logprobs")
+                if top is not None and body.echo:
+                    raise OpenAIError("echo with logprobs is not supported", param="echo")
                 if body.suffix:
                     raise OpenAIError("suffix is not supported", param="suffix")
                 prompts = completion_prompts(body)
@@ -294,8 +318,15 @@ class OpenAIRoutes:
                         sampling=params,
                         stream=body.stream,
                         created=created,
+                        return_logprob=top is not None,
+                        top_logprobs_num=top or 0,
                     )
                 )
+        try:
+            for r in reqs:
+                check_encodable(r)
+        except InvalidRequest as e:
+            return error_response(str(e), 400)
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + rid,
             "created": int(created),
@@ -304,7 +335,7 @@ class OpenAIRoutes:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 streams = [await stack.enter_async_context(submitted(self.state, r)) for r in reqs]
-                choices = [Choice(i, i // body.n, s) for i, s in enumerate(streams)]
+                choices = [Choice(i, i // body.n, s, top) for i, s in enumerate(streams)]
                 if body.stream:
                     include_usage = body.stream_options is not None and body.stream_options.include_usage
                     return await self._stream(request, choices, meta, chat, include_usage)
@@ -330,7 +361,7 @@ class OpenAIRoutes:
                 prompt = prompts[c.prompt_index]
                 echo = isinstance(body, CompletionBody) and body.echo and isinstance(prompt, str)
                 item["text"] = (prompt if echo else "") + text  # type: ignore[operator]
-            item["logprobs"] = None
+            item["logprobs"] = c.logprobs_since(0, chat)
             item["finish_reason"] = finish_reason(c.stream)
             if c.stream.finish is not None and c.stream.finish.matched is not None:
                 item["matched_stop"] = c.stream.finish.matched
@@ -419,13 +450,14 @@ class OpenAIRoutes:
         text = c.stream.released[c.sent :]
         c.sent = len(c.stream.released)
         reason = finish_reason(c.stream) if c.stream.done else None
-        if text or reason is not None:
+        new_logprobs = c.top is not None and num_entries(c.stream) > c.logprobs_sent
+        if text or reason is not None or new_logprobs:
             item: dict[str, Any] = {"index": c.index}
             if chat:
                 item["delta"] = {"content": text} if text else {}
             else:
                 item["text"] = text
-            item["logprobs"] = None
+            item["logprobs"] = c.logprobs_since(c.logprobs_sent, chat)
             item["finish_reason"] = reason
             out.append(item)
         c.finished = reason is not None

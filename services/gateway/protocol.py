@@ -70,7 +70,7 @@ def parse_generate(body: bytes, gateway_id: str, created: float) -> GenerateRequ
     if req.top_logprobs_num < 0 or req.logprob_start_len < -1:
         raise InvalidRequest("`top_logprobs_num` must be >= 0 and `logprob_start_len` >= -1")
 
-    return GenerateRequest(
+    return check_encodable(GenerateRequest(
         rid=req.rid or uuid.uuid4().hex,
         gateway_id=gateway_id,
         text=req.text,
@@ -82,7 +82,20 @@ def parse_generate(body: bytes, gateway_id: str, created: float) -> GenerateRequ
         return_logprob=req.return_logprob,
         top_logprobs_num=req.top_logprobs_num,
         logprob_start_len=req.logprob_start_len,
-    )
+    ))
+
+
+_msgpack = msgspec.msgpack.Encoder()
+
+
+def check_encodable(req: GenerateRequest) -> GenerateRequest:
+    """JSON integers are unbounded, msgpack's are 64-bit: a number past that is the client's error
+    (400), not a bus failure (503)."""
+    try:
+        _msgpack.encode(req)
+    except OverflowError as e:
+        raise InvalidRequest(f"a number in the request is out of range: {e}") from None
+    return req
 
 
 # --- responses --------------------------------------------------------------------------------

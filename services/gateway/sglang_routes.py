@@ -23,6 +23,7 @@ from msgspec import Struct
 
 from services.gateway.protocol import encode_json, error_body
 from services.gateway.submit import SubmitError, submitted, wait_done
+from shared.config import SECRET_FIELDS
 from shared.messages import Abort, FlushCache, GenerateRequest, SamplingParams
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class SGLangRoutes:
     async def server_info(self, request: web.Request) -> web.Response:
         args = dataclasses.asdict(self.state.args)
         args.pop("extra", None)
+        for secret in SECRET_FIELDS:  # never echo a secret
+            args.pop(secret, None)
         states = self.internal_states()
         body = args | {
             "served_model_name": self.state.args.model_name,

@@ -9,13 +9,17 @@ Invariants of a `RequestStream`:
   so far (`hold` = longest stop string - 1): they could be the start of a stop string that the
   detokenizer trims once it is complete;
 - once `done`, nothing changes any more; `final_text` is the detokenizer's `full_text` when it sent
-  one (the exact text, stop string trimmed), else the concatenated deltas.
+  one (the exact text, stop string trimmed), else the concatenated deltas;
+- a resumed request (services/gateway/migrate.py) continues at a new seq epoch `first_seq`, above
+  every seq of its earlier runs: `switch_epoch` moves `next_seq` there, so a late step of an earlier
+  run counts as a duplicate; while a resume is being decided (`resuming`), steps wait in `_pending`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 from shared.messages import FinishReason, RequestError, TextBatch, TextOutput
@@ -36,11 +40,14 @@ class RequestStream:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.logprobs: dict[str, list] = {}  # return_logprob: meta_info key -> accumulated entries
+        self.token_bytes: dict[int, bytes] = {}  # token id -> its bytes, for the ids in `logprobs`
         self.finish: FinishReason | None = None
         self.final_text: str | None = None  # set once finished
         self.error: RequestError | None = None
         self.done = False
         self.changed = asyncio.Event()  # set on every change; the reader clears it
+        self.last_progress = time.monotonic()  # when a step was last applied (stall detection)
+        self.resuming = False
 
     # --- writer side (the bus subscription) -----------------------------------------------------
 
@@ -55,13 +62,36 @@ class RequestStream:
             log.debug("duplicate step rid=%s seq=%d", self.rid, out.seq)
             return
         self._pending[out.seq] = out
+        self._drain()
+
+    def _drain(self) -> None:
         applied = False
-        while not self.done and self.next_seq in self._pending:
+        while not self.done and not self.resuming and self.next_seq in self._pending:
             self._apply(self._pending.pop(self.next_seq))
             self.next_seq += 1
             applied = True
         if applied:
+            self.last_progress = time.monotonic()
             self.changed.set()
+
+    # --- resume (migration, lost steps) -------------------------------------------------------
+
+    def begin_resume(self) -> None:
+        """Freezes the applied output while the gateway asks to continue the request elsewhere."""
+        self.resuming = True
+
+    def switch_epoch(self, first_seq: int) -> None:
+        """The request continues at seq `first_seq` from the output applied so far."""
+        assert first_seq > self.next_seq
+        self.resuming = False
+        self.next_seq = first_seq
+        self._pending = {k: v for k, v in self._pending.items() if k >= first_seq}
+        self.last_progress = time.monotonic()
+        self._drain()
+
+    def cancel_resume(self) -> None:
+        self.resuming = False
+        self._drain()
 
     def _apply(self, out: TextOutput) -> None:
         self._received += out.text
@@ -73,6 +103,8 @@ class RequestStream:
             got = getattr(out, key)
             if got is not None:
                 self.logprobs.setdefault(key, []).extend(got)
+        if out.token_bytes:
+            self.token_bytes.update(out.token_bytes)
         if out.finish is None:
             safe = len(self._received) - self.hold
             if safe > len(self.released):
@@ -99,6 +131,11 @@ class RequestStream:
         """Returns once something changed since the last call (changes coalesce)."""
         await self.changed.wait()
         self.changed.clear()
+
+    @property
+    def received_nothing(self) -> bool:
+        """No step of the request arrived yet (applied or waiting)."""
+        return self.next_seq == 0 and not self._pending
 
     @property
     def text(self) -> str:

@@ -8,12 +8,15 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 from services.bench import main as bench_main
 from services.launcher.config_file import load_config_file
 from services.launcher.startup import Progress, server_info, summary
-from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_binary, wait_port
+from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
 from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model, ensure_tiny_model
 from shared.config import ServerArgs
 from shared.log import setup_logging
@@ -64,11 +67,32 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(serve_forever(args))
 
 
+def scheduler_ranks(args: ServerArgs) -> list[dict[str, object]]:
+    """The scheduler processes, as flag overrides (SGLang's layout). Without DP attention:
+    dp_size independent replicas of tp_size ranks, each replica its own torch.distributed world
+    (its own TCP store port). With --enable-dp-attention: tp_size ranks in one world, rank r
+    serving DP group r // (tp_size // dp_size)."""
+    if args.tp_size == 1 and not args.enable_dp_attention:
+        return [{"dp_rank": d} for d in range(args.dp_size)]
+    if args.enable_dp_attention:
+        addr = f"127.0.0.1:{free_port()}"
+        attn_tp = args.tp_size // args.dp_size
+        return [
+            {"dp_rank": r // attn_tp, "tp_rank": r, "dist_init_addr": addr} for r in range(args.tp_size)
+        ]
+    out: list[dict[str, object]] = []
+    for d in range(args.dp_size):
+        addr = f"127.0.0.1:{free_port()}"
+        out += [{"dp_rank": d, "tp_rank": r, "dist_init_addr": addr} for r in range(args.tp_size)]
+    return out
+
+
 def serve_forever(args: ServerArgs) -> int:
     if not args.model_path:
         args = dataclasses.replace(args, model_path=str(ensure_tiny_model()))
     if args.torch_threads == 0:
-        args = dataclasses.replace(args, torch_threads=max(1, (os.cpu_count() or 1) // args.dp_size))
+        procs = len(scheduler_ranks(args))
+        args = dataclasses.replace(args, torch_threads=max(1, (os.cpu_count() or 1) // procs))
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -77,19 +101,28 @@ def serve_forever(args: ServerArgs) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.api_key:  # the launcher's own probes (/get_server_info) authenticate
+        opener = urllib.request.build_opener()
+        opener.addheaders = [("Authorization", f"Bearer {args.api_key}")]
+        urllib.request.install_opener(opener)
     sup = Supervisor()
+    conf_dir = tempfile.TemporaryDirectory(prefix="dpserve-nats-")
+    secrets = args.secret_env()  # children read these from the environment, not from argv
     try:
         if not args.nats_url:
             port = free_port()
-            sup.add("nats-server", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)])
+            sup.add("nats-server", nats_server_argv(port, args, Path(conf_dir.name)))
             wait_port("127.0.0.1", port, timeout=10)
             args = dataclasses.replace(args, nats_url=f"nats://127.0.0.1:{port}")
         py = [sys.executable, "-m"]
         for name in ("tokenizer", "detokenizer", "dispatcher"):
-            sup.add(name, py + [f"services.{name}"] + args.to_cli())
-        for dp_rank in range(args.dp_size):
-            sup.add(f"scheduler{dp_rank}", py + ["services.scheduler"] + args.to_cli(dp_rank=dp_rank))
-        sup.add("gateway", py + ["services.gateway"] + args.to_cli())
+            sup.add(name, py + [f"services.{name}"] + args.to_cli(), secrets)
+        for rank in scheduler_ranks(args):
+            name = f"scheduler{rank['dp_rank']}" + (f"-tp{rank['tp_rank']}" if args.tp_size > 1 else "")
+            # a torch.distributed world restarts as a whole: all ranks with DP attention, else each replica
+            world = "" if args.tp_size == 1 else "schedulers" if args.enable_dp_attention else f"scheduler{rank['dp_rank']}"
+            sup.add(name, py + ["services.scheduler"] + args.to_cli(**rank), secrets, group=world)
+        sup.add("gateway", py + ["services.gateway"] + args.to_cli(), secrets)
         url = f"http://{args.host}:{args.port}"
         deadline = time.monotonic() + STARTUP_TIMEOUT
         progress = Progress(args.dp_size, "loading model on DP ranks")
@@ -117,4 +150,5 @@ def serve_forever(args: ServerArgs) -> int:
         return 0
     finally:
         log.info("stopping all services")
-        sup.stop()
+        sup.stop(grace=args.shutdown_grace_period)
+        conf_dir.cleanup()

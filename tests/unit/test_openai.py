@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from tokenizers import Tokenizer
 
+from services.detokenizer.batch import detokenize_one
+from services.detokenizer.incremental import IncrementalDecoder
 from services.gateway.metrics import GatewayMetrics
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.validate import validate
@@ -22,6 +25,7 @@ from shared.messages import (
     TextBatch,
     TextOutput,
     TokenizedRequest,
+    TokenOutput,
 )
 from shared.metrics import Histogram, MetricsSnapshot, Sample, render
 from tests.unit.test_gateway import Harness, make_gateway, read_sse, wait_for  # noqa: F401 (fixture)
@@ -95,8 +99,14 @@ async def test_completion_token_prompt_and_default_max_tokens(gw: Harness) -> No
 @pytest.mark.parametrize(
     ("path", "body", "contains"),
     [
-        ("/v1/completions", {"prompt": "a", "logprobs": 2}, "not supported yet"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "not supported yet"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs must be between 0 and 20"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 1, "echo": True}, "echo with logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "requires logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": -1},
+            "top_logprobs must be between 0 and 20",
+        ),
         ("/v1/completions", {"prompt": "a", "n": 0}, "n must be"),
         ("/v1/completions", {"prompt": "a", "bogus": 1}, "bogus"),
         ("/v1/completions", {"prompt": "a", "temperature": "hot"}, "temperature"),
@@ -189,6 +199,104 @@ async def test_completion_stream_never_shows_stop_string(gw: Harness) -> None:
     text = "".join(e["choices"][0]["text"] for e in events[:-1])
     assert text == "abc"
     assert "usage" not in events[0]
+
+
+# --- logprobs ---------------------------------------------------------------------------------
+
+# token 1 = "Hi", token 2 = the first byte of "é" (alone: U+FFFD), token 3 = "!"
+TOKEN_BYTES = {1: b"Hi", 2: "é".encode()[:1], 3: b"!"}
+
+
+def lp_out(rid: str, seq: int, text: str, steps: list[tuple[float, int]], top: list[list[tuple[float, int]]] | None,
+           finish: str | None = None) -> TextOutput:
+    o = out(rid, seq, text, [t for _, t in steps], finish)
+    o.output_token_logprobs = steps
+    o.output_top_logprobs = top
+    o.token_bytes = {t: TOKEN_BYTES[t] for row in [steps, *(top or [])] for _, t in row}
+    return o
+
+
+async def test_chat_logprobs_whole(gw: Harness) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2}
+    task = asyncio.create_task(gw.client.post("/v1/chat/completions", json=body))
+    (req,) = await published(gw, 1)
+    assert req.return_logprob and req.top_logprobs_num == 2 and req.logprob_start_len == -1
+    feed(gw, lp_out(req.rid, 0, "Hi", [(-0.5, 1)], [[(-0.5, 1), (-1.5, 3)]]),
+         lp_out(req.rid, 1, "", [(-0.25, 2)], [[(-0.25, 2), (-2.0, 1)]], "length"))
+    data = await (await task).json()
+    content = data["choices"][0]["logprobs"]["content"]
+    assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [
+        ("Hi", -0.5, [72, 105]),
+        ("\ufffd", -0.25, [0xC3]),  # a partial character: the text is replaced, the bytes exact
+    ]
+    assert content[0]["top_logprobs"] == [
+        {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+        {"token": "!", "logprob": -1.5, "bytes": [33]},
+    ]
+    assert [t["token"] for t in content[1]["top_logprobs"]] == ["\ufffd", "Hi"]
+
+
+async def test_no_logprobs_unless_asked(gw: Harness) -> None:
+    task = asyncio.create_task(gw.client.post("/v1/completions", json={"prompt": "x"}))
+    (req,) = await published(gw, 1)
+    assert not req.return_logprob and req.top_logprobs_num == 0
+    feed(gw, out(req.rid, 0, "y", [1], "length"))
+    assert (await (await task).json())["choices"][0]["logprobs"] is None
+
+
+async def test_completion_logprobs_stream_per_chunk(gw: Harness) -> None:
+    body = {"prompt": "x", "logprobs": 1, "stream": True}
+    resp_task = asyncio.create_task(gw.client.post("/v1/completions", json=body))
+    (req,) = await published(gw, 1)
+    assert req.return_logprob and req.top_logprobs_num == 1
+    feed(gw, lp_out(req.rid, 0, "Hi", [(-0.5, 1)], [[(-0.5, 1)]]))
+    resp = await resp_task
+    feed(gw, lp_out(req.rid, 1, "!", [(-0.1, 3)], [[(-0.1, 3)]]))
+    feed(gw, lp_out(req.rid, 2, "!!", [(-0.2, 3), (-0.3, 3)], [[(-0.2, 3)], [(-0.3, 3)]], "length"))
+    events = await read_sse(resp)
+    chunks = [e["choices"][0] for e in events[:-1]]
+    # every chunk's logprobs cover exactly the tokens of its own text
+    for c in chunks:
+        if c["logprobs"] is not None:
+            assert "".join(c["logprobs"]["tokens"]) == c["text"]
+    merged: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for key in merged:
+            merged[key] += c["logprobs"][key] if c["logprobs"] else []
+    assert merged == {
+        "tokens": ["Hi", "!", "!", "!"],
+        "token_logprobs": [-0.5, -0.1, -0.2, -0.3],
+        "top_logprobs": [{"Hi": -0.5}, {"!": -0.1}, {"!": -0.2}, {"!": -0.3}],
+        "text_offset": [0, 2, 3, 4],
+    }
+    assert "".join(c["text"] for c in chunks) == "Hi!!!"
+
+
+async def test_chat_logprobs_stream_and_top_zero(gw: Harness) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": True}
+    resp_task = asyncio.create_task(gw.client.post("/v1/chat/completions", json=body))
+    (req,) = await published(gw, 1)
+    assert req.return_logprob and req.top_logprobs_num == 0
+    feed(gw, lp_out(req.rid, 0, "Hi", [(-0.5, 1)], None))
+    resp = await resp_task
+    feed(gw, lp_out(req.rid, 1, "!", [(-0.1, 3)], None, "stop"))
+    events = await read_sse(resp)
+    entries = [e for ev in events[:-1] if (lp := ev["choices"][0]["logprobs"]) for e in lp["content"]]
+    assert [(e["token"], e["logprob"], e["top_logprobs"]) for e in entries] == [("Hi", -0.5, []), ("!", -0.1, [])]
+
+
+def test_detokenizer_attaches_token_bytes_for_logprobs(tiny_model: Any) -> None:
+    decoder = IncrementalDecoder(tiny_model / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    ids = tok.encode("hello world").ids
+    base = {"rid": "d", "gateway_id": "g", "seq": 0, "ids": ids, "num_new": len(ids), "prompt_tokens": 1,
+            "completion_tokens": len(ids)}
+    plain = detokenize_one(TokenOutput(**base), decoder)
+    assert plain.token_bytes is None
+    got = detokenize_one(TokenOutput(**base, output_token_logprobs=[(-1.0, i) for i in ids],
+                                     output_top_logprobs=[[(-0.5, 0)] for _ in ids]), decoder)
+    assert got.token_bytes is not None and set(got.token_bytes) == {*ids, 0}
+    assert b"".join(got.token_bytes[i] for i in ids).decode() == tok.decode(ids)
 
 
 # --- SGLang routes ----------------------------------------------------------------------------
