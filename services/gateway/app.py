@@ -69,7 +69,8 @@ class GatewayState:
         self.args = args
         self.gateway_id = gateway_id or uuid.uuid4().hex
         self.streams = Streams()
-        self.liveness = Liveness(args.dead_rank_timeout)
+        # the metrics see only the load reports that liveness accepts (no forged or nonsense rank)
+        self.liveness = Liveness(args.dead_rank_timeout, args.dp_size, then=self.metrics.on_report)
         self.draining = Draining()  # set on SIGTERM: new requests get 503 (services/gateway/shutdown.py)
         self.created = int(time.time())
         self._tasks: set[asyncio.Task[None]] = set()
@@ -209,14 +210,17 @@ class Gateway:
                     if stream.error is not None:
                         await resp.write(sse_event(error_body(stream.error.message, stream.error.status)))
                         break
+                    # Read once: the final output may land while an event is being written, and
+                    # the event sent last must be the final one.
+                    done = stream.done
                     now = (len(stream.released), len(stream.output_ids))
-                    if now != sent or stream.done:
+                    if now != sent or done:
                         # Cumulative, like SGLang; `released` stays monotonic even if the
                         # detokenizer's full_text disagrees with what was already streamed.
-                        event = _snapshot(stream, t0, stream.released, final=stream.done)
+                        event = _snapshot(stream, t0, stream.released, final=done)
                         await resp.write(sse_event(event))
                         sent = now
-                    if stream.done:
+                    if done:
                         break
                     await stream.wait_changed()
                 await resp.write(SSE_DONE)
@@ -337,8 +341,7 @@ class GatewayService(Service):
             state.streams.feed(batch)
 
         await self.bus.subscribe(self.subjects.out(state.gateway_id), TextBatch, on_out)
-        await self.bus.subscribe(self.subjects.load_all, LoadReport, state.liveness.on_report)
-        await self.bus.subscribe(self.subjects.load_all, LoadReport, state.metrics.on_report)
+        await self.bus.subscribe(self.subjects.load_all, LoadReport, state.liveness.on_report)  # feeds metrics
         await self.bus.subscribe(self.subjects.metrics, MetricsSnapshot, state.metrics.snapshots.on_snapshot)
         self.spawn(
             publish_snapshots(

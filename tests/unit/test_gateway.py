@@ -324,6 +324,36 @@ async def test_stream_is_cumulative_and_ends_with_done(gw: Harness) -> None:
     assert gw.aborts() == []
 
 
+async def test_final_output_arriving_during_a_write_still_streams_the_final_event(
+    gw: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final step lands while the handler is writing the previous event: the last event
+    before [DONE] must still be the final one (it once broke out with a non-final event)."""
+    import services.gateway.app as app_module
+
+    real = app_module.sse_event
+    calls = 0
+
+    def sse_event_that_lets_the_final_step_land(event: Any) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # while the first event is being written, the request finishes
+            gw.feed(step("race", 1, "b", [2], finish=FinishReason(type="length", length=2), full_text="ab"))
+        return real(event)
+
+    monkeypatch.setattr(app_module, "sse_event", sse_event_that_lets_the_final_step_land)
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(gw.client.post("/generate", json={"text": "x", "rid": "race", "stream": True}))
+        await gw.published("race")
+        gw.feed(step("race", 0, "a", [1]))
+        resp = await task
+        events = await read_sse(resp)
+    assert events[-1] == "[DONE]"
+    last = events[-2]
+    assert last["text"] == "ab" and last["output_ids"] == [1, 2]
+    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
+
+
 async def test_stream_holds_back_a_split_stop_string(gw: Harness) -> None:
     body = {"text": "x", "rid": "st", "stream": True, "sampling_params": {"stop": ["STOP"]}}
     async with asyncio.timeout(5):
