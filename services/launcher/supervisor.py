@@ -1,7 +1,10 @@
 """Starts an embedded nats-server and every dpserve service as its own OS process, and stops them.
 
 Children die with the launcher even if it is SIGKILLed (PR_SET_PDEATHSIG). A child that exits
-while serving is restarted after a short back-off.
+while serving is restarted after a short back-off. The scheduler ranks of one torch.distributed
+world form a restart group: when any member exits, the others are stopped (SIGTERM, SIGKILL after
+GROUP_STOP_GRACE s: one may be stuck in a collective) and all start again together, on a fresh
+--dist-init-addr port (the dead world's TCP store port may linger in TIME_WAIT).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from shared.config import ServerArgs
 log = logging.getLogger("launcher")
 
 RESTART_BACKOFF = 1.0
+GROUP_STOP_GRACE = 2.0  # seconds a surviving group member gets to exit on SIGTERM
+DIST_ADDR_FLAG = "--dist-init-addr"
 
 
 def free_port() -> int:
@@ -110,10 +115,11 @@ class Supervisor:
             log.warning("%s exited code=%s; restarting", child.name, code)
             peers = [c for c in self.children if child.group and c.group == child.group and c is not child]
             if peers:
-                # One member of a torch.distributed world died: the others are stuck in (or will
-                # time out of) its collectives, so the whole world starts again.
+                # One member of a torch.distributed world died: the others fail (or time out of)
+                # its collectives, so the whole world starts again.
                 log.warning("restarting its group %s: %s", child.group, " ".join(c.name for c in peers))
-                _terminate(peers, timeout=5.0)
+                _terminate(peers, timeout=GROUP_STOP_GRACE)
+                fresh_dist_addr([child, *peers])
             time.sleep(RESTART_BACKOFF)
             for member in [child, *peers]:
                 member.restarts += 1
@@ -129,6 +135,18 @@ class Supervisor:
         _terminate(gateways, timeout=grace + timeout)
         _terminate(services, timeout=timeout)
         _terminate(nats, timeout=timeout)
+
+
+def fresh_dist_addr(members: list[Child]) -> None:
+    """Points every member's --dist-init-addr at one new free port on the same host."""
+    new_port = free_port()
+    for member in members:
+        argv = member.argv
+        if DIST_ADDR_FLAG in argv[:-1]:
+            i = argv.index(DIST_ADDR_FLAG) + 1
+            host = argv[i].rsplit(":", 1)[0]
+            argv[i] = f"{host}:{new_port}"
+            log.info("%s restarts with %s %s", member.name, DIST_ADDR_FLAG, argv[i])
 
 
 def _terminate(children: list[Child], timeout: float) -> None:

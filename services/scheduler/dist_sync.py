@@ -9,11 +9,20 @@ Per step, in this order on every rank (the calls are collectives, run in the for
                     rank's own RNG; the leader's draw wins, so every rank's requests stay equal)
 Since every rank of a group absorbs the same inputs in the same order and the engine's
 schedule is deterministic, the group's ranks build the same batch, row for row.
+
+Failure: every collective waits at most --dist-timeout seconds for its peers (gloo applies the
+world's timeout to each collective; a peer that died usually fails it at once with a connection
+reset). A rank whose collective failed can't know where its peers are in their sequence of
+collectives, so the world is broken: the rank raises WorldBroken, the scheduler exits non-zero,
+and the launcher restarts the whole world. An idle leader therefore never leaves its followers in
+share_inputs longer than `keepalive_s`, far below the timeout.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 import torch
@@ -22,8 +31,27 @@ import torch.distributed as dist
 from services.scheduler.dp_attention import ParallelLayout
 from shared.messages import TokenizedRequest
 
-# A follower waits in share_inputs while its leader is idle: no timeout worth having.
-COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
+T = TypeVar("T")
+KEEPALIVE_S = 1.0  # at most this long between an idle leader's step-boundary collectives
+
+
+class WorldBroken(RuntimeError):
+    """A collective of this rank's torch.distributed world failed (a peer died or timed out)."""
+
+
+def keepalive_s(dist_timeout: float) -> float:
+    """How long an idle leader may stay out of collectives: well inside the collective timeout."""
+    return min(KEEPALIVE_S, dist_timeout / 4)
+
+
+def collective(what: str, fn: Callable[[], T]) -> T:
+    """Runs `fn` (collectives); any failure means the world is broken."""
+    try:
+        return fn()
+    except WorldBroken:
+        raise
+    except Exception as e:
+        raise WorldBroken(f"{what}: {e}") from e
 
 
 class StepInputs(msgspec.Struct, frozen=True):
@@ -36,15 +64,16 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(StepInputs)
 
 
-def init_world(layout: ParallelLayout, init_addr: str, device: str) -> None:
-    """Joins this replica's world (gloo on CPU, NCCL on CUDA); rank 0 hosts the TCP store."""
+def init_world(layout: ParallelLayout, init_addr: str, device: str, timeout_s: float = 30.0) -> None:
+    """Joins this replica's world (gloo on CPU, NCCL on CUDA); rank 0 hosts the TCP store. Joining
+    and every collective afterwards wait at most `timeout_s` for the peers."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(
         backend,
         init_method=f"tcp://{init_addr}",
         rank=layout.tp_rank,
         world_size=layout.tp_size,
-        timeout=COLLECTIVE_TIMEOUT,
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
 
 
@@ -74,9 +103,10 @@ class GroupSync:
             return inputs
         if self.layout.is_leader:
             assert inputs is not None
-            self._broadcast_bytes(_encoder.encode(inputs))
+            payload = _encoder.encode(inputs)
+            collective("share_inputs", lambda: self._broadcast_bytes(payload))
             return inputs
-        return _decoder.decode(self._broadcast_bytes(None))
+        return _decoder.decode(collective("share_inputs", lambda: self._broadcast_bytes(None)))
 
     def gather_counts(self, num_tokens: int) -> list[int]:
         """Tokens of each DP group this step (index: group), the same list on every rank."""
@@ -84,7 +114,7 @@ class GroupSync:
             return [num_tokens]
         mine = torch.tensor([num_tokens], dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(mine) for _ in range(self.layout.tp_size)]
-        dist.all_gather(parts, mine)
+        collective("gather_counts", lambda: dist.all_gather(parts, mine))
         return [int(parts[g * self.layout.attn_tp_size].item()) for g in range(self.layout.dp_groups)]
 
     def share_tokens(self, tokens: list[int]) -> list[int]:
@@ -92,5 +122,5 @@ class GroupSync:
         if self.layout.attn_tp_size == 1 or not tokens:
             return tokens
         t = torch.tensor(tokens, dtype=torch.int64, device=self.device)
-        dist.broadcast(t, src=self.leader, group=self.group)
+        collective("share_tokens", lambda: dist.broadcast(t, src=self.leader, group=self.group))
         return [int(v) for v in t.tolist()]
