@@ -9,6 +9,7 @@ Invariants:
 - a dispatch id is in at most one rank's `in_flight` and, once accepted, in that rank's `accepted`;
 - a rank's in-flight and accepted entries all belong to the instance in `instance_id`: a report
   from a new instance (restart) hands the old instance's entries back to the caller (`Outcome`);
+  the caller feeds only reports its rank registry admitted (a new instance only once the rank is free);
 - a rank is live while its last report is at most `dead_after` seconds old.
 """
 

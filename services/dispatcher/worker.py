@@ -6,13 +6,14 @@ they waited `PENDING_TIMEOUT` seconds. When a rank dies (or restarts as a new in
 unaccepted requests go to the live ranks, its accepted ones migrate (parked until their gateway
 answers with a Resume carrying the output it holds; `--disable-migration`: a 503 error), and every one of
 them is aborted on that rank alone, so a frozen process that resumes does not serve them twice.
+A LoadReport reaches the load table only if the rank registry admits it (registry.py): one from an
+instance other than the live holder of its rank is ignored, so a bus client cannot take a rank over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 import uuid
 from collections import deque
@@ -43,8 +44,26 @@ PENDING_TIMEOUT = 30.0  # seconds a request may wait for a live rank
 MAX_PENDING = 4096
 REGISTRATION_GRACE = 10.0  # seconds an assigned rank may stay silent before it is free again
 MAX_FENCED = 8192
+MAX_LOGGED_KEYS = 1024  # LogOnce: keys remembered (the oldest forgotten first)
 PARK_TIMEOUT = 30.0  # seconds a migrating request waits for its gateway's Resume
 FINAL_GRACE = 1.0  # seconds after a rank reported a request finished before a Resume may rerun it
+
+
+class LogOnce:
+    """Counts repeated events and says which to log: the first of each key, then every 1000th."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: dict[object, None] = {}  # insertion-ordered set, at most MAX_LOGGED_KEYS
+
+    def should_log(self, key: object) -> bool:
+        self.total += 1
+        if key in self._seen:
+            return self.total % 1000 == 0
+        self._seen[key] = None
+        while len(self._seen) > MAX_LOGGED_KEYS:
+            del self._seen[next(iter(self._seen))]
+        return True
 
 
 class DispatcherService(Service):
@@ -54,7 +73,7 @@ class DispatcherService(Service):
         args = self.args
         dead_after = max(args.dead_rank_timeout, 3 * args.heartbeat_interval)
         self.table = LoadTable(dead_after=dead_after)
-        self.registry = RankRegistry(args.dp_size, grace=max(REGISTRATION_GRACE, dead_after))
+        self.registry = RankRegistry(args.dp_size, grace=max(REGISTRATION_GRACE, dead_after), dead_after=dead_after)
         config = PolicyConfig(
             cache_threshold=args.cache_threshold,
             balance_abs_threshold=args.balance_abs_threshold,
@@ -65,12 +84,15 @@ class DispatcherService(Service):
         self.dispatch_ids = itertools.count(1)
         self.pending: deque[tuple[float, TokenizedRequest]] = deque()
         self.dropped_reports = 0  # LoadReports with nonsense fields (report_problem)
+        self.ignored_reports = LogOnce()  # well-formed LoadReports of an instance that does not hold the rank
+        self.refused_hellos = LogOnce()  # RankHellos answered without a rank (a scheduler asks every second)
         # rid -> (parked at, request): its rank died while serving it; its gateway was told
         # (RequestError.migrate) and answers with a Resume carrying the output it already has
         self.parked: dict[str, tuple[float, TokenizedRequest]] = {}
-        # rid -> ranks told to drop it (rank-targeted Abort): they would drop it again, so a
-        # migrated or re-run request goes elsewhere (bounded, oldest forgotten first)
-        self.fenced: dict[str, set[int]] = {}
+        # rid -> (dp_rank, instance) told to drop it (rank-targeted Abort): that instance would drop
+        # it again, so a migrated or re-run request goes elsewhere; a restarted instance of the
+        # same rank never saw the abort and may take it (bounded, oldest forgotten first)
+        self.fenced: dict[str, set[tuple[int, str]]] = {}
         await self.bus.subscribe(self.subjects.dispatch, TokenizedRequest, self.on_request)
         await self.bus.subscribe(self.subjects.load_all, LoadReport, self.on_report)
         await self.bus.serve(self.subjects.dispatcher_loads, LoadTableQuery, self.on_query)
@@ -90,7 +112,7 @@ class DispatcherService(Service):
         live = self.table.live_ranks()
         avoid = self.fenced.get(req.rid)
         if avoid and live:
-            live = [r for r in live if r.dp_rank not in avoid]
+            live = [r for r in live if (r.dp_rank, r.instance_id) not in avoid]
             if not live and req.routed_dp_rank is None:
                 await self.fail(req, "every live DP rank had to drop this request after a failure", 503)
                 return
@@ -122,11 +144,18 @@ class DispatcherService(Service):
                                  report.dp_rank, self.dropped_reports, problem)
             return
         if not self.registry.admit(report.dp_rank, report.instance_id, time.monotonic()):
-            self.log.warning("ignored report of retired instance=%s dp_rank=%d", report.instance_id, report.dp_rank)
+            self.note_ignored(report)
             return
         outcome = self.table.on_report(report)
         if outcome.fresh:
             await self.apply(report, outcome)
+
+    def note_ignored(self, report: LoadReport) -> None:
+        """Logs a report the registry refused: once per (rank, instance), then every 1000th."""
+        if self.ignored_reports.should_log((report.dp_rank, report.instance_id)):
+            why = self.registry.refusal(report.dp_rank, report.instance_id, time.monotonic())
+            self.log.warning("ignored load report instance=%s dp_rank=%d total=%d: %s",
+                             report.instance_id, report.dp_rank, self.ignored_reports.total, why)
 
     async def apply(self, report: LoadReport, outcome: Outcome) -> None:
         dp_rank = report.dp_rank
@@ -165,6 +194,8 @@ class DispatcherService(Service):
 
     async def on_hello(self, hello: RankHello) -> RankAssignment:
         answer = self.registry.assign(hello, time.monotonic())
+        if answer.dp_rank is None and not self.refused_hellos.should_log((hello.requested_dp_rank, hello.instance_id)):
+            return answer
         self.log.info(
             "rank hello instance=%s requested=%s -> dp_rank=%s (%s)",
             hello.instance_id, hello.requested_dp_rank, answer.dp_rank, answer.message,
@@ -211,11 +242,13 @@ class DispatcherService(Service):
                 await self.fence(req.rid, dp_rank)
 
     async def fence(self, rid: str, dp_rank: int) -> None:
-        """Aborts `rid` on `dp_rank` alone (it drops the rid if it arrives later, too)."""
-        self.fenced.setdefault(rid, set()).add(dp_rank)
+        """Aborts `rid` on the current instance of `dp_rank` alone (it drops the rid if it arrives
+        later, too)."""
+        instance_id = self.table.rank(dp_rank).instance_id
+        self.fenced.setdefault(rid, set()).add((dp_rank, instance_id))
         while len(self.fenced) > MAX_FENCED:
             del self.fenced[next(iter(self.fenced))]
-        await self.bus.publish(self.subjects.sched_control, Abort(rid=rid, dp_rank=dp_rank))
+        await self.bus.publish(self.subjects.sched_control, Abort(rid=rid, dp_rank=dp_rank, instance_id=instance_id))
 
     async def park(self, req: TokenizedRequest, message: str) -> None:
         """Migration, step 1: tell the gateway; it answers with a Resume (`on_resume`)."""
@@ -283,16 +316,5 @@ class DispatcherService(Service):
 
 def report_problem(r: LoadReport, dp_size: int) -> str | None:
     """What makes a LoadReport nonsense (it would corrupt the load table), or None. Schedulers
-    always send an instance id, finite numbers, counts >= 0 and kv_used <= kv_total."""
-    if not 0 <= r.dp_rank < dp_size:
-        return f"dp_rank outside [0, {dp_size})"
-    if not r.instance_id:
-        return "no instance_id"
-    if not all(math.isfinite(x) for x in (r.timestamp, r.cache_hit_rate)) or not 0 <= r.cache_hit_rate <= 1:
-        return "timestamp / cache_hit_rate not finite or out of range"
-    counts = (r.seq, r.holding_tokens, r.num_running, r.num_waiting, r.kv_used, r.kv_total)
-    if min(counts) < 0 or r.kv_used > r.kv_total:
-        return "negative counts or kv_used > kv_total"
-    if any(d < 0 for d in r.accepted) or any(d < 0 for d in r.finished):
-        return "negative dispatch ids"
-    return None
+    always send an instance id (the registry keys ranks by it) and a plausible report."""
+    return r.problem(dp_size) or (None if r.instance_id else "no instance_id")

@@ -2,9 +2,10 @@
 every subject while requests run. Every service stays up, the running requests finish with the
 same greedy output as alone, each drop is logged, and the KV pool goes back to idle.
 
-Out of scope: a *well-formed* RankHello or LoadReport from a new scheduler instance claims its rank
-(that is how a restarted rank rejoins), so a client that may publish on the bus can take a rank
-over; NATS auth (--nats-user/--nats-token, tests/integration/test_security.py) keeps such clients off.
+Forged ranks too: well-formed LoadReports and RankHellos of a new instance for the live ranks (and
+for a rank past dp_size) are ignored or refused by the dispatcher's rank registry and the gateway's
+liveness view; the real ranks keep serving with the same instance ids. Out of scope: a client that
+reuses a live instance's id (NATS auth, tests/integration/test_security.py, keeps such clients off).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from shared.messages import (
     FinishReason,
     GenerateRequest,
     LoadReport,
+    RankAssignment,
     RankHello,
     RequestError,
     SamplingParams,
@@ -39,6 +41,7 @@ from shared.subjects import Subjects
 from tests.integration.client import generate, get
 
 N_MESSAGES = 10_000
+FORGER = "f0rged00"
 GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
 
 
@@ -57,9 +60,19 @@ def valid_messages(gateway_id: str) -> list[msgspec.Struct]:
         TextBatch(outputs=[TextOutput(rid="ghost", seq=0, text="x", new_ids=[1], prompt_tokens=1,
                                       completion_tokens=1, finish=FinishReason(type="stop"))]),
         LoadReport(dp_rank=0, seq=1, timestamp=0.0, holding_tokens=1, num_running=1, num_waiting=0,
-                   kv_used=1, kv_total=10),  # no instance id: nonsense (see the module note)
+                   kv_used=1, kv_total=10),  # no instance id: nonsense
+        *forged_ranks(),
         RankHello(instance_id="x"),
         Abort(rid="ghost"),
+    ]
+
+
+def forged_ranks() -> list[msgspec.Struct]:
+    """Well-formed claims of a new instance on the live ranks and on ranks past dp_size."""
+    return [
+        *(LoadReport(dp_rank=k, seq=2**40, timestamp=1.0, holding_tokens=0, num_running=0, num_waiting=0,
+                     kv_used=0, kv_total=10, accepted=[1, 2, 3], finished=[1], instance_id=FORGER) for k in (0, 1, 2, 999)),
+        *(RankHello(instance_id=FORGER, requested_dp_rank=k) for k in (0, 1, 999)),
     ]
 
 
@@ -87,6 +100,7 @@ def bad_values(gateway_id: str) -> list[msgspec.Struct]:
                                                     num_new=99, prompt_tokens=-1, completion_tokens=-1)]),
         TextBatch(outputs=[RequestError(rid="ghost", message="forged", status=999)]),
         Abort(rid="", dp_rank=-3),
+        *forged_ranks(),
     ]
 
 
@@ -135,6 +149,17 @@ async def flood(nats_url: str, subjects: list[str], gateway_id: str) -> int:
     return sent
 
 
+def live_instances(url: str, timeout: float = 60) -> dict[int, str]:
+    """dp_rank -> instance id, once both ranks are live."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ranks = get(url + "/get_loads")[1]["ranks"]
+        if sorted(r["dp_rank"] for r in ranks if r["status"] == "live") == [0, 1]:
+            return {r["dp_rank"]: r["instance_id"] for r in ranks}
+        assert time.monotonic() < deadline, ranks
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 async def test_bus_fuzz_loses_nothing(server: Any, nats_url: str) -> None:
     gateway_id = re.search(r"gateway_id=(\w+)", server.log()).group(1)  # type: ignore[union-attr]
@@ -142,6 +167,8 @@ async def test_bus_fuzz_loses_nothing(server: Any, nats_url: str) -> None:
     solo = [generate(server.url, text=p, sampling_params=GREEDY)["output_ids"] for p in prompts]
 
     s = Subjects("dpserve")
+    instances = live_instances(server.url)
+    assert FORGER not in instances.values()
     subjects = [s.tokenize, s.dispatch, s.sched_req(0), s.sched_req(1), s.sched_req(7), s.sched_control,
                 s.load(0), s.load(1), s.load(9), s.detok, s.out(gateway_id), s.metrics,
                 s.rank_register, s.dispatcher_loads]
@@ -153,6 +180,13 @@ async def test_bus_fuzz_loses_nothing(server: Any, nats_url: str) -> None:
         results = await asyncio.gather(*running)
     assert sent >= N_MESSAGES
     assert [r["output_ids"] for r in results] == solo  # nothing in flight was lost or corrupted
+    nc = await nats.connect(nats_url)  # a forged hello for a live rank is refused with a message
+    for k in (0, 1):
+        reply = await nc.request(s.rank_register, msgspec.msgpack.encode(RankHello(instance_id=FORGER,
+                                                                                   requested_dp_rank=k)), timeout=5)
+        answer = msgspec.msgpack.decode(reply.data, type=RankAssignment)
+        assert answer.dp_rank is None and "held by live instance" in answer.message, answer
+    await nc.close()
 
     time.sleep(1.0)
     assert server.proc.poll() is None
@@ -179,3 +213,11 @@ async def test_bus_fuzz_loses_nothing(server: Any, nats_url: str) -> None:
         assert time.monotonic() < deadline, loads
         time.sleep(0.2)
     assert sorted(r["dp_rank"] for r in ranks) == [0, 1]  # no forged rank joined the table
+    # the real ranks kept their ranks: same instances, live, never restarted or retired
+    assert {r["dp_rank"]: r["instance_id"] for r in ranks} == instances
+    assert all(r["status"] == "live" for r in ranks)
+    assert f"ignored load report instance={FORGER}" in log
+    assert "rank restarted" not in log
+    status, info = get(server.url + "/get_server_info")
+    assert status == 200
+    assert [(st["dp_rank"], st["live"]) for st in info["internal_states"]] == [(0, True), (1, True)]

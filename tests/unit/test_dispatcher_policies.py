@@ -255,9 +255,10 @@ def test_registry_frees_silent_assignments_and_confirms_requested_ranks() -> Non
     assert reg.assign(RankHello(instance_id="c"), now=2).dp_rank is None
     assert reg.admit(1, "b", now=3)
     assert reg.assign(RankHello(instance_id="c"), now=6).dp_rank == 0  # a never reported
-    confirmed = reg.assign(RankHello(instance_id="e", requested_dp_rank=1), now=7)
+    assert reg.assign(RankHello(instance_id="e", requested_dp_rank=1), now=7).dp_rank is None  # b is live
+    confirmed = reg.assign(RankHello(instance_id="e", requested_dp_rank=1), now=9)  # b silent for > 5 s
     assert confirmed.dp_rank == 1 and confirmed.message == "confirmed"
-    assert not reg.admit(1, "b", now=8)  # replaced
+    assert not reg.admit(1, "b", now=9)  # replaced
     assert reg.assign(RankHello(instance_id="x", requested_dp_rank=-2), now=8).dp_rank is None
 
 

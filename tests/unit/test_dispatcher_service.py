@@ -108,6 +108,13 @@ async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: Dispatch
     assert [(m.rid, m.dp_rank) for s, m in bus.sent if isinstance(m, Abort)] == [("r3", 0)]
 
 
+def went_silent(svc: DispatcherService, dp_rank: int) -> None:
+    """Backdates `dp_rank`'s last report past the dead-rank timeout, in the registry and the table."""
+    back = 2 * svc.table.dead_after
+    svc.registry.owners[dp_rank].last_seen -= back
+    svc.table.rank(dp_rank).received_at -= back
+
+
 async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: DispatcherService) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_report(report(0, 1))
@@ -116,11 +123,73 @@ async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: Dispatc
     await svc.on_request(request(2))
     await svc.on_report(report(0, 2, accepted=[1]))
     bus.take()
+    # the new process says hello first; while the old one is live, the rank stays the old one's
+    refused = await svc.on_hello(RankHello(instance_id="new", requested_dp_rank=0))
+    assert refused.dp_rank is None and "held by live instance i0" in refused.message
     await svc.on_report(report(0, 1, instance="new"))
+    assert not bus.sent and svc.table.rank(0).instance_id == "i0"
+    went_silent(svc, 0)  # the old process is gone; the dispatcher has not expired it yet
+    confirmed = await svc.on_hello(RankHello(instance_id="new", requested_dp_rank=0))
+    assert (confirmed.dp_rank, confirmed.message) == (0, "confirmed")
+    await svc.on_report(report(0, 2, instance="new"))
+    assert svc.table.rank(0).instance_id == "new"
     assert sent_to(bus) == {"r2": 0}  # in flight to the old process: dispatched again (rank 0 is lightest)
     errors = [o for s, m in bus.sent if isinstance(m, TextBatch) for o in m.outputs]
     assert [(e.rid, e.status) for e in errors] == [("r1", 503)]
     assert "restarted" in errors[0].message
+    bus.take()
+    await svc.on_report(report(0, 3, accepted=[5], instance="i0"))  # the old one resumes: retired
+    assert not bus.sent and svc.table.rank(0).instance_id == "new"
+
+
+async def test_forged_report_for_a_live_rank_changes_nothing(svc: DispatcherService,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await svc.on_report(report(0, 1))
+    await svc.on_report(report(1, 1, holding=10_000))
+    await svc.on_request(request(1))
+    await svc.on_request(request(2))
+    await svc.on_report(report(0, 2, accepted=[1]))
+    bus.take()
+    for seq in range(1, 6):  # a bus client claims rank 0 with a well-formed report of a new instance
+        await svc.on_report(report(0, seq, accepted=[2], finished=[1], instance="forger", holding=99))
+    assert not bus.sent  # nothing re-dispatched, failed or aborted
+    rank = svc.table.rank(0)
+    assert (rank.instance_id, rank.holding_tokens, sorted(rank.in_flight), sorted(rank.accepted)) == ("i0", 0, [2], [1])
+    assert svc.registry.holder(0) == "i0"
+    ignored = [r for r in caplog.records if "ignored load report instance=forger" in r.getMessage()]
+    assert len(ignored) == 1 and "held by instance i0" in ignored[0].getMessage()  # logged once
+    await svc.on_report(report(0, 3, accepted=[2]))  # the real instance still counts
+    assert sorted(svc.table.rank(0).accepted) == [1, 2]
+    rows = (await svc.on_query(LoadTableQuery())).ranks
+    assert [(r.dp_rank, r.instance_id, r.status) for r in rows] == [(0, "i0", "live"), (1, "i0", "live")]
+
+
+async def test_dead_rank_goes_to_the_next_hello_and_its_old_instance_is_retired(svc: DispatcherService) -> None:
+    await svc.on_report(report(0, 1, instance="a"))
+    await svc.on_report(report(1, 1, instance="b"))
+    assert (await svc.on_hello(RankHello(instance_id="c"))).dp_rank is None  # both held
+    assert (await svc.on_hello(RankHello(instance_id="c", requested_dp_rank=7))).dp_rank is None
+    went_silent(svc, 1)
+    (died,) = svc.table.expire()
+    await svc.on_rank_dead(died)
+    assert (await svc.on_hello(RankHello(instance_id="c"))).dp_rank == 1
+    await svc.on_report(report(1, 2, instance="b"))  # b was only frozen: too late, c has rank 1
+    assert not svc.table.rank(1).live
+    await svc.on_report(report(1, 1, instance="c"))
+    assert svc.table.rank(1).live and svc.table.rank(1).instance_id == "c"
+
+
+async def test_fresh_dispatcher_adopts_running_ranks(svc: DispatcherService) -> None:
+    """A restarted dispatcher has an empty registry; running schedulers do not say hello again:
+    their reports claim the free ranks, and a late hello of the same instance is answered alike."""
+    await svc.on_report(report(0, 40, instance="a"))
+    await svc.on_report(report(1, 41, instance="b"))
+    assert [r.dp_rank for r in svc.table.live_ranks()] == [0, 1]
+    late = await svc.on_hello(RankHello(instance_id="a", requested_dp_rank=0))
+    assert (late.dp_rank, late.message) == (0, "already assigned")
+    await svc.on_report(report(0, 1, instance="x"))  # now held: another instance is ignored
+    assert svc.table.rank(0).instance_id == "a"
 
 
 async def test_pending_requests_wait_for_the_first_live_rank(svc: DispatcherService) -> None:
