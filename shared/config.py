@@ -41,6 +41,7 @@ class ServerArgs:
     enable_dp_attention: bool = False  # tp_size ranks in one world, dp_size attention groups (SGLang's)
     tp_rank: int = 0  # scheduler only: rank in its torch.distributed world (the launcher sets it)
     dist_init_addr: str = ""  # scheduler only: host:port of the world's TCP store (the launcher sets it)
+    dist_timeout: float = 30.0  # seconds a torch.distributed collective may wait for a peer before the rank exits
     load_balance_method: str = "minimum_tokens"
     cache_threshold: float = 0.5  # cache_aware: route by prefix when the best match ratio exceeds this
     balance_abs_threshold: int = 32  # cache_aware: imbalanced when max - min load (tokens) exceeds this
@@ -128,6 +129,8 @@ class ServerArgs:
             raise ValueError(f"--enable-dp-attention needs --tp-size ({self.tp_size}) divisible by --dp-size ({self.dp_size})")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"--tp-rank {self.tp_rank} is outside [0, {self.tp_size})")
+        if self.dist_timeout <= 0:
+            raise ValueError("--dist-timeout must be > 0 (seconds)")
         if self.kv_cache_bytes < 0:
             raise ValueError("--kv-cache-bytes must be >= 0")
         if not 0 <= self.cache_threshold <= 1:

@@ -220,6 +220,20 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
     instance_id: str = ""  # changes when the rank process restarts
     finished: list[int] = field(default_factory=list)  # accepted dispatch ids that ended since last report
 
+    def problem(self, dp_size: int) -> str | None:
+        """What makes this report nonsense (it would corrupt a load table), or None. Schedulers send
+        dp_rank in [0, dp_size), finite numbers, counts >= 0, kv_used <= kv_total, ids >= 0."""
+        if not 0 <= self.dp_rank < dp_size:
+            return f"dp_rank outside [0, {dp_size})"
+        if not (math.isfinite(self.timestamp) and math.isfinite(self.cache_hit_rate)) or not 0 <= self.cache_hit_rate <= 1:
+            return "timestamp / cache_hit_rate not finite or out of range"
+        counts = (self.seq, self.holding_tokens, self.num_running, self.num_waiting, self.kv_used, self.kv_total)
+        if min(counts) < 0 or self.kv_used > self.kv_total:
+            return "negative counts or kv_used > kv_total"
+        if any(d < 0 for d in self.accepted) or any(d < 0 for d in self.finished):
+            return "negative dispatch ids"
+        return None
+
 
 # --- control: dispatcher / gateway -> all schedulers ----------------------------------------
 
@@ -227,6 +241,7 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
 class Abort(Struct, tag="abort", kw_only=True):
     rid: str
     dp_rank: int | None = None  # set: only that rank aborts (and drops the rid if it arrives later)
+    instance_id: str = ""  # set with dp_rank: only that instance of the rank (a restarted one is clean)
 
 
 class FlushCache(Struct, tag="flush_cache", kw_only=True):

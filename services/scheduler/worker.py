@@ -10,6 +10,11 @@ Under tensor parallelism (`--tp-size` > 1) the rank is one of a torch.distribute
 it, so every rank of a group holds the same requests in the same order. With DP attention every
 rank joins a per-step all-gather of the groups' token counts: nobody runs when all are idle, and
 a group without work runs an idle batch while another group has some.
+
+A broken world (a collective failed or timed out after --dist-timeout: a peer died or hangs; or
+a forward step raised, which leaves this rank out of step with its peers) ends the process with
+status EXIT_WORLD_BROKEN and no error to its requests: the launcher restarts the whole world, and
+the dispatcher, seeing the group's heartbeats stop, migrates its requests.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from services.scheduler.dist_sync import GroupSync, StepInputs, init_world
+from services.scheduler.dist_sync import GroupSync, StepInputs, WorldBroken, init_world, keepalive_s
 from services.scheduler.dp_attention import DPAttentionLinears, ParallelLayout, build_linears, new_attn_groups
 from services.scheduler.engine import Engine, EngineConfig, StepPlan, StepResult
 from services.scheduler.model.attention_backends import install_attention_backend
@@ -57,6 +62,8 @@ DEFAULT_MAX_TOTAL_TOKENS = 65536
 # DP attention, every group idle: a leader re-enters the all-gather after this long without
 # work of its own, so a group that does get work finds the others in the collective.
 IDLE_POLL_S = 0.02
+BUS_CLOSE_S = 2.0  # a distributed rank's exit waits at most this long to flush the bus
+EXIT_WORLD_BROKEN = 3  # exit status of a rank whose torch.distributed world broke (the launcher restarts it)
 
 
 def pool_size(
@@ -138,6 +145,7 @@ class SchedulerService(Service):
             await self.bus.subscribe(self.subjects.sched_req(self.dp_rank), TokenizedRequest, self.on_request)
             await self.bus.subscribe(self.subjects.sched_control, ControlMessage, self.on_control)  # type: ignore[arg-type]
             self.spawn(self.heartbeat())
+        self.exit_code = 0
         self.spawn(self.loop())
         self.log.info(
             "dp_rank=%d tp_rank=%d attn_tp_rank=%d attn_tp_size=%d dp_attention=%s instance=%s "
@@ -151,7 +159,7 @@ class SchedulerService(Service):
         if layout.distributed:
             if not args.dist_init_addr:
                 raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
-            init_world(layout, args.dist_init_addr, args.device)
+            init_world(layout, args.dist_init_addr, args.device, args.dist_timeout)
         attn_group = new_attn_groups(layout) if layout.distributed else None
         self.linears = build_linears(layout, attn_group)
         self.sync = GroupSync(layout, attn_group, args.device)
@@ -222,7 +230,7 @@ class SchedulerService(Service):
     async def on_control(self, msg: Abort | FlushCache) -> None:
         if isinstance(msg, Abort):
             if msg.dp_rank is not None:
-                if msg.dp_rank != self.dp_rank:
+                if msg.dp_rank != self.dp_rank or msg.instance_id not in ("", self.instance_id):
                     return
                 self.fenced[msg.rid] = None  # it may still be on its way here
                 if len(self.fenced) > MAX_FENCED:
@@ -272,6 +280,20 @@ class SchedulerService(Service):
         return result
 
     async def loop(self) -> None:
+        try:
+            await self._steps()
+        except WorldBroken as e:
+            self.log.error(
+                "torch.distributed world broken (tp_rank=%d dp_rank=%d): %s; exiting with status %d so the "
+                "launcher restarts the world", self.layout.tp_rank, self.dp_rank, e, EXIT_WORLD_BROKEN,
+            )
+            self.exit_code = EXIT_WORLD_BROKEN
+            self.stopping.set()
+        except Exception:
+            self.exit_code = 1
+            raise
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             changed = self._absorb(*await self._step_inputs())
@@ -286,8 +308,12 @@ class SchedulerService(Service):
             try:
                 result = await loop.run_in_executor(self.executor, self._forward, plan, counts)
             except Exception as e:
-                if plan is None:
-                    raise  # an idle batch only runs collectives: this rank can't stay in step
+                if isinstance(e, WorldBroken):
+                    raise
+                if self.layout.distributed:
+                    # its peers may be inside a collective this rank skipped: it can't stay in step
+                    raise WorldBroken(f"forward step failed: {e!r}") from e
+                assert plan is not None  # idle batches run in distributed worlds only
                 self.log.exception("forward failed; ending the %d requests of this step", len(plan.reqs))
                 outputs = self.engine.fail(plan, f"internal error in the forward step: {e!r}")
             else:
@@ -313,10 +339,13 @@ class SchedulerService(Service):
         if self.inbox or self.aborts:
             return
         if self.layout.dp_groups > 1:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), IDLE_POLL_S)
+            poll: float | None = IDLE_POLL_S
+        elif self.layout.attn_tp_size > 1:  # followers wait in share_inputs: keep them inside the timeout
+            poll = keepalive_s(self.args.dist_timeout)
         else:
-            await self.wake.wait()
+            poll = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), poll)
 
     async def emit(self, outputs: list[TokenOutput]) -> None:
         if not outputs or not self.is_leader:
@@ -324,7 +353,11 @@ class SchedulerService(Service):
         for out in outputs:
             if out.finish is not None and out.rid in self.held:
                 self.finished.append(self.held.pop(out.rid))
-        await self.bus.publish(self.subjects.detok, TokenBatch(dp_rank=self.dp_rank, outputs=outputs))
+        # A fenced rid was given to another rank (or instance): its "aborted" end here must not
+        # reach the gateway, which now follows the other placement.
+        outputs = [o for o in outputs if not (o.rid in self.fenced and o.finish and o.finish.type == "abort")]
+        if outputs:
+            await self.bus.publish(self.subjects.detok, TokenBatch(dp_rank=self.dp_rank, outputs=outputs))
 
     async def heartbeat(self) -> None:
         while True:
@@ -380,6 +413,7 @@ class SchedulerService(Service):
             return
         # The forward thread may be blocked in a collective its peers will never join: close the
         # bus (flushing what was published), then leave without joining that thread.
-        self.log.info("stopped (tp_rank=%d)", self.layout.tp_rank)
-        await self.bus.close()
-        os._exit(0)
+        self.log.info("stopped (tp_rank=%d status=%d)", self.layout.tp_rank, self.exit_code)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.bus.close(), BUS_CLOSE_S)
+        os._exit(self.exit_code)

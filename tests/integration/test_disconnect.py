@@ -37,7 +37,9 @@ def _idle(ls: dict[int, dict[str, Any]]) -> bool:
 
 
 def _baseline(url: str) -> dict[int, int]:
-    return {k: r["kv_used"] for k, r in wait_loads(url, "idle", _idle, 30).items()}
+    """KV use of both ranks once both report and are idle (/health answers after the first one)."""
+    both_idle = lambda ls: set(ls) == {0, 1} and _idle(ls)  # noqa: E731
+    return {k: r["kv_used"] for k, r in wait_loads(url, "both ranks idle", both_idle, 30).items()}
 
 
 def test_streaming_disconnect_aborts_and_frees_kv(server: Any) -> None:

@@ -61,6 +61,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         lin.step_tokens = dsync.gather_counts(0)
         results["all_idle"] = (lin.step_tokens, lin.around_mlp(_rows(rank, 0), mlp).shape, len(seen))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 

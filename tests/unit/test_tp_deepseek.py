@@ -56,6 +56,7 @@ def _worker(rank: int, port: int, model_dir: str, result_dir: str) -> None:
         assert isinstance(model.lm_head, ParallelLMHead) and model.lm_head.weight.shape[0] == 500
         outs = _run_steps(model, config, config.vocab_size)
         torch.save([o.clone() for o in outs], Path(result_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 
