@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from services.scheduler.model.batch import ForwardBatch
 
 
+def store_kv(layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes the step's new K/V at `out_cache_loc`; returns the layer's (K, V) caches."""
+    pool = batch.kv_pool
+    k_cache, v_cache = pool.k[layer_id], pool.v[layer_id]
+    k_cache[batch.out_cache_loc] = k.to(k_cache.dtype)
+    v_cache[batch.out_cache_loc] = v.to(v_cache.dtype)
+    return k_cache, v_cache
+
+
 class TorchAttentionBackend:
     def forward(
         self,
@@ -23,11 +32,7 @@ class TorchAttentionBackend:
         batch: ForwardBatch,
         scale: float | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        pool = batch.kv_pool
-        k_cache, v_cache = pool.k[layer_id], pool.v[layer_id]
-        k_cache[batch.out_cache_loc] = k.to(k_cache.dtype)
-        v_cache[batch.out_cache_loc] = v.to(v_cache.dtype)
-
+        k_cache, v_cache = store_kv(layer_id, k, v, batch)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
         groups = num_heads // num_kv_heads
         out = torch.empty_like(q)

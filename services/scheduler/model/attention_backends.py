@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from services.scheduler.model.attention import TorchAttentionBackend
+from services.scheduler.model.attention import TorchAttentionBackend, store_kv
 from services.scheduler.model.batch import ForwardBatch
 from shared.config import ATTENTION_BACKENDS
 
@@ -77,10 +77,7 @@ class TritonAttentionBackend:
         batch: ForwardBatch,
         scale: float | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        pool = batch.kv_pool
-        k_cache, v_cache = pool.k[layer_id], pool.v[layer_id]
-        k_cache[batch.out_cache_loc] = k.to(k_cache.dtype)
-        v_cache[batch.out_cache_loc] = v.to(v_cache.dtype)
+        k_cache, v_cache = store_kv(layer_id, k, v, batch)
         sm_scale = scale if scale is not None else q.shape[-1] ** -0.5
         q = q.contiguous()
         meta = self._meta_for(batch, q.device)
