@@ -113,7 +113,7 @@ def test_frozen_rank_is_dead_then_live_again(cluster: Cluster) -> None:
         cluster.rank0.send_signal(signal.SIGSTOP)
         t_stop = time.monotonic()
         # a burst right after the freeze: rank 0 still looks live and light, so some go there
-        short = {"temperature": 0, "max_new_tokens": 4}
+        short = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
         burst = [pool.submit(generate, cluster.url, text=f"burst {i}", sampling_params=short) for i in range(12)]
         loads = cluster.wait_for("rank 0 dead", lambda ls: ls[0]["status"] == "dead", 10)
         dead_after = time.monotonic() - t_stop
@@ -139,7 +139,7 @@ def test_frozen_rank_is_dead_then_live_again(cluster: Cluster) -> None:
             break
         time.sleep(0.1)
     assert dropped >= redispatched + failed
-    out = generate(cluster.url, text="back again", sampling_params={"max_new_tokens": 3}, routed_dp_rank=0)
+    out = generate(cluster.url, text="back again", sampling_params={"max_new_tokens": 3, "ignore_eos": True}, routed_dp_rank=0)
     assert out["meta_info"]["completion_tokens"] == 3
     # the frozen rank dropped what was taken from it: nothing stays held there
     cluster.wait_for("rank 0 idle", lambda ls: ls[0]["num_running"] == 0 and ls[0]["num_waiting"] == 0, 20)
@@ -152,10 +152,10 @@ def test_killed_rank_is_replaced_through_the_registry(cluster: Cluster) -> None:
     cluster.rank1.kill()
     cluster.rank1.wait(10)
     cluster.wait_for("rank 1 dead", lambda ls: ls[1]["status"] == "dead", 10)
-    out = generate(cluster.url, text="still served", sampling_params={"max_new_tokens": 2})
+    out = generate(cluster.url, text="still served", sampling_params={"max_new_tokens": 2, "ignore_eos": True})
     assert out["meta_info"]["completion_tokens"] == 2
     cluster.rank1 = cluster.start("scheduler")  # no --dp-rank: gets the released rank 1
     loads = cluster.wait_for("rank 1 live again", live((0, 1)), 120)
     assert loads[1]["instance_id"] != old
-    out = generate(cluster.url, text="new rank", sampling_params={"max_new_tokens": 2}, routed_dp_rank=1)
+    out = generate(cluster.url, text="new rank", sampling_params={"max_new_tokens": 2, "ignore_eos": True}, routed_dp_rank=1)
     assert out["meta_info"]["completion_tokens"] == 2

@@ -71,7 +71,7 @@ def test_killed_rank_requests_migrate_and_rank_rejoins(server_factory: Any) -> N
     back = wait_loads(server.url, f"rank {rank} live again",
                       lambda ls: ls[rank]["status"] == "live" and ls[rank]["instance_id"] != old_instance, 120)
     assert back[rank]["instance_id"] != old_instance
-    out = generate(server.url, text="back", sampling_params={"max_new_tokens": 3}, routed_dp_rank=rank)
+    out = generate(server.url, text="back", sampling_params={"max_new_tokens": 3, "ignore_eos": True}, routed_dp_rank=rank)
     assert out["meta_info"]["completion_tokens"] == 3
 
 
