@@ -10,7 +10,7 @@ Request i contributes extend_lens[i] >= 1 new tokens (a decode request has exact
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,6 +38,19 @@ class ForwardBatch:
     @property
     def prefix_lens(self) -> list[int]:
         return [s - e for s, e in zip(self.seq_lens, self.extend_lens, strict=True)]
+
+    def to(self, device: torch.device | str) -> ForwardBatch:
+        """This batch with its index tensors on `device` (batches are built on the CPU; the copies
+        are tiny next to the forward). The pool stays where it is."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            positions=self.positions.to(device),
+            out_cache_loc=self.out_cache_loc.to(device),
+            kv_indices=[i.to(device) for i in self.kv_indices],
+        )
 
     def last_token_index(self) -> torch.Tensor:
         """Index into the T new tokens of each request's last new token: LongTensor[B]."""

@@ -9,8 +9,6 @@ are built by `linears.attn`, the feed-forward blocks by `linears.mlp` (parallel.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -84,15 +82,7 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [B, vocab] of each request's last new token."""
-        device = self.model.norm.weight.device
-        if batch.input_ids.device != device:
-            batch = dataclasses.replace(
-                batch,
-                input_ids=batch.input_ids.to(device),
-                positions=batch.positions.to(device),
-                out_cache_loc=batch.out_cache_loc.to(device),
-                kv_indices=[i.to(device) for i in batch.kv_indices],
-            )
+        batch = batch.to(self.model.norm.weight.device)
         hidden = self.model(batch)
         last = hidden[batch.last_token_index()]
         return self.lm_head(self.model.norm(last)).float()

@@ -9,8 +9,6 @@ a rank holds only its kv heads.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -124,16 +122,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [B, vocab] of each request's last new token."""
-        device = self.lm_head.weight.device
-        if batch.input_ids.device != device:
-            # Batches are built on the CPU by default; the copies are tiny next to the forward.
-            batch = dataclasses.replace(
-                batch,
-                input_ids=batch.input_ids.to(device),
-                positions=batch.positions.to(device),
-                out_cache_loc=batch.out_cache_loc.to(device),
-                kv_indices=[i.to(device) for i in batch.kv_indices],
-            )
+        batch = batch.to(self.lm_head.weight.device)
         hidden = self.model(batch, self.attn_backend)
         last = hidden[batch.last_token_index()]
         return self.lm_head(self.model.norm(last)).float()
