@@ -172,7 +172,7 @@ class Gateway:
             return await self._respond_whole(req, stream, t0)
         finally:
             state.streams.close(req.rid)
-            if published and not stream.done:
+            if published and stream.unfinished:
                 state.abort(req.rid)
 
     async def _respond_whole(self, req: GenerateRequest, stream: RequestStream, t0: float) -> web.Response:

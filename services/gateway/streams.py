@@ -48,6 +48,7 @@ class RequestStream:
         self.changed = asyncio.Event()  # set on every change; the reader clears it
         self.last_progress = time.monotonic()  # when a step was last applied (stall detection)
         self.resuming = False
+        self.cut_off = False  # ended by the gateway (shutdown) while its scheduler still runs it
 
     # --- writer side (the bus subscription) -----------------------------------------------------
 
@@ -119,6 +120,19 @@ class RequestStream:
             # The detokenizer broke its contract; never unsend text: the stream stops where it is.
             log.warning("streamed text is not a prefix of full_text rid=%s", self.rid)
         self._end()
+
+    def cut(self, message: str, status: int) -> None:
+        """Ends the request here, with an error, while it may still run on its scheduler."""
+        if self.done:
+            return
+        self.error = RequestError(rid=self.rid, message=message, status=status)
+        self.cut_off = True
+        self._end()
+
+    @property
+    def unfinished(self) -> bool:
+        """A scheduler may still be running it: the handler that leaves must abort it."""
+        return not self.done or self.cut_off
 
     def _end(self) -> None:
         self.done = True

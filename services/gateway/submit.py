@@ -48,7 +48,7 @@ async def submitted(state: GatewayState, req: GenerateRequest) -> AsyncIterator[
         yield stream
     finally:
         state.streams.close(req.rid)
-        if published and not stream.done:
+        if published and stream.unfinished:
             state.abort(req.rid)
 
 

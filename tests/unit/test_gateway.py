@@ -13,7 +13,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.gateway.app import GatewayState, build_app
-from services.gateway.protocol import InvalidRequest, parse_generate
+from services.gateway.protocol import InvalidRequest, error_body, parse_generate
+from services.gateway.shutdown import drain_requests
 from services.gateway.streams import RequestStream
 from shared.config import ServerArgs
 from shared.messages import (
@@ -394,6 +395,32 @@ async def test_non_stream_client_disconnect_aborts(gw: Harness) -> None:
         await gw.published("bye")
         task.cancel()
         await wait_for(lambda: gw.aborts() == ["bye"])
+
+
+async def test_grace_period_over_cuts_every_request_and_aborts_it(gw: Harness) -> None:
+    """After the grace period each running request is told the server is shutting down (a 503, or
+    an error event then [DONE] once its stream began) and aborted on its scheduler."""
+    async with asyncio.timeout(5):
+        streaming = asyncio.create_task(
+            gw.client.post("/generate", json={"text": "x", "rid": "s", "stream": True})
+        )
+        whole = asyncio.create_task(gw.client.post("/generate", json={"text": "x", "rid": "w"}))
+        chat = asyncio.create_task(
+            gw.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        )
+        await wait_for(lambda: len(gw.bus.of(GenerateRequest)) == 3)
+        gw.feed(step("s", 0, "a", [1]))
+        resp = await streaming
+        assert (await next_event(resp))["text"] == "a"
+        await drain_requests(gw.state.draining, gw.state.streams, grace=0.05)
+        assert await read_sse(resp) == [error_body("the server is shutting down", 503), "[DONE]"]
+        for task in (whole, chat):
+            answer = await task
+            assert answer.status == 503
+            assert_error(await answer.json(), 503, "the server is shutting down")
+        await gw.state.drain()
+    assert sorted(gw.aborts()) == sorted(r.rid for r in gw.bus.of(GenerateRequest))
+    assert len(gw.state.streams) == 0
 
 
 def test_request_stream_mismatched_full_text_never_unsends() -> None:
