@@ -234,11 +234,8 @@ class Engine:
         """DP attention: this group has no tokens but another has; run the model body on an empty
         batch so this rank joins every feed-forward collective (no KV is read or written)."""
         empty = torch.empty(0, dtype=torch.int64)
-        batch = ForwardBatch(empty, empty, empty, [], [], [], self.pool)
-        device = self.model.lm_head.weight.device
-        if device.type != "cpu":
-            batch = ForwardBatch(empty.to(device), empty.to(device), empty.to(device), [], [], [], self.pool)
-        self.model.model(batch, getattr(self.model, "attn_backend", None))
+        batch = ForwardBatch(empty, empty, empty, [], [], [], self.pool).to(self.model.lm_head.weight.device)
+        self.model.model(batch, self.model.attn_backend)
 
     def _logits(self, batch: ForwardBatch, rows: list[int]) -> torch.Tensor:
         """Float32 logits at the given token indices of the batch (Llama-family layout)."""
@@ -247,17 +244,7 @@ class Engine:
         if inner is None or not hasattr(model, "lm_head"):
             assert rows == batch.last_token_index().tolist()[: len(rows)], "model gives last-token logits only"
             return model(batch)
-        device = model.lm_head.weight.device
-        if batch.input_ids.device != device:
-            batch = ForwardBatch(
-                input_ids=batch.input_ids.to(device),
-                positions=batch.positions.to(device),
-                out_cache_loc=batch.out_cache_loc.to(device),
-                extend_lens=batch.extend_lens,
-                seq_lens=batch.seq_lens,
-                kv_indices=[i.to(device) for i in batch.kv_indices],
-                kv_pool=batch.kv_pool,
-            )
+        batch = batch.to(model.lm_head.weight.device)
         hidden = inner(batch, model.attn_backend)
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
         return model.lm_head(inner.norm(picked)).float()

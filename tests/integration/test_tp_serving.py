@@ -55,3 +55,26 @@ def test_greedy_matches_transformers(server_factory, models, references, arch: s
     # every DP rank (group or replica) in turn, so each serves alone while the others idle
     _check(server, references[arch], list(range(dp)))
     server.stop()
+
+
+TRITON_LAYOUTS = [
+    pytest.param("deepseek_v3", [], id="v3-tp1"),
+    # DP attention: latent attention per group, experts split over the ranks (the EP kernel path)
+    pytest.param("deepseek_v2", ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"], id="v2-tp2-dp2-dpa"),
+]
+
+
+@pytest.mark.parametrize(("arch", "flags"), TRITON_LAYOUTS)
+def test_triton_kernels_match_transformers(server_factory, models, references, arch: str, flags: list[str]) -> None:
+    """Every rank on the Triton path (MLA decode/extend, grouped-GEMM MoE, fused norm, rotary),
+    under the interpreter on the CPU: the same greedy continuations as transformers."""
+    server = server_factory(
+        "--model-path", str(models[arch]), "--max-total-tokens", "4096", "--attention-backend", "triton", *flags,
+        env={"TRITON_INTERPRET": "1"},
+    )
+    dp = int(flags[flags.index("--dp-size") + 1]) if "--dp-size" in flags else 1
+    wait_ranks(server.url, dp)
+    ranks = int(flags[flags.index("--tp-size") + 1]) if "--tp-size" in flags else 1  # DP attention: tp = world
+    assert server.log().count("attention backend: triton (TritonMLABackend; DeepseekMoE") == ranks
+    _check(server, references[arch], list(range(dp)))
+    server.stop()

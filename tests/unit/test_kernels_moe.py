@@ -33,6 +33,27 @@ def test_fused_moe_matches_reference(case: tuple, dtype: torch.dtype) -> None:
     assert_close(out, K.fused_moe_ref(x, w13, w2, weights, ids), rtol_for(K.MOE_RTOL, dtype))
 
 
+@pytest.mark.parametrize("expert_start", [0, 3, 6])
+def test_an_expert_parallel_slice_leaves_other_ranks_experts_out(expert_start: int) -> None:
+    """A rank holding experts 3..5 of 9: pairs routed elsewhere add nothing (and are not NaN)."""
+    tokens, top_k, experts, hidden, inter = 11, 3, 9, 24, 12
+    g = torch.Generator().manual_seed(expert_start)
+    x = torch.randn(tokens, hidden, generator=g).to(DEVICE)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * hidden**-0.5).to(DEVICE)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) * inter**-0.5).to(DEVICE)
+    weights, ids = _routing(tokens, top_k, experts, g)
+    mine = slice(expert_start, expert_start + 3)
+    out = K.fused_moe(x, w13[mine].contiguous(), w2[mine].contiguous(), weights, ids, expert_start=expert_start)
+    ref = K.fused_moe_ref(x, w13[mine], w2[mine], weights, ids, expert_start=expert_start)
+    assert_close(out, ref, rtol_for(K.MOE_RTOL, torch.float32))
+    # the three slices add up to the whole layer
+    whole = K.fused_moe_ref(x, w13, w2, weights, ids)
+    parts = sum(
+        K.fused_moe_ref(x, w13[s : s + 3], w2[s : s + 3], weights, ids, expert_start=s) for s in (0, 3, 6)
+    )
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tokens,top_k,experts,block_m", [(7, 2, 5, 4), (1, 1, 3, 16), (30, 3, 4, 8)])
 def test_moe_align_groups_every_pair_once(tokens: int, top_k: int, experts: int, block_m: int) -> None:
     g = torch.Generator().manual_seed(tokens)

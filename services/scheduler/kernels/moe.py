@@ -102,9 +102,11 @@ def fused_moe(
     w13: torch.Tensor,  # [E, 2 * inter, hidden]
     w2: torch.Tensor,  # [E, hidden, inter]
     topk_weights: torch.Tensor,  # [T, K]
-    topk_ids: torch.Tensor,  # [T, K], values in [0, E)
+    topk_ids: torch.Tensor,  # [T, K], global expert ids
     block_m: int = 16,
+    expert_start: int = 0,  # w13[i] / w2[i] is global expert expert_start + i (an EP rank's slice)
 ) -> torch.Tensor:  # [T, hidden]
+    """Experts outside [expert_start, expert_start + E) contribute nothing (another EP rank's)."""
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_experts, two_inter = w13.shape[0], w13.shape[1]
@@ -112,26 +114,36 @@ def fused_moe(
         raise ValueError(f"moe weight shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     if num_tokens == 0:
         return x.new_zeros(0, hidden)
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    local = topk_ids.to(torch.int64) - expert_start
+    foreign = (local < 0) | (local >= num_experts)
+    # Foreign pairs go to a phantom expert E whose blocks moe_align marks -1 (skipped): their rows of
+    # `down` stay zero, so the sum over K leaves them out.
+    sorted_ids, block_expert = moe_align(local.masked_fill(foreign, num_experts), num_experts + 1, block_m)
+    block_expert = block_expert.masked_fill(block_expert == num_experts, -1)
     num_pairs = num_tokens * top_k
     gate_up = x.new_empty(num_pairs, two_inter)
     _grouped_gemm(x, w13, gate_up, sorted_ids, block_expert, None, top_k, block_m)
     gate, up = gate_up.chunk(2, dim=-1)
     act = (F.silu(gate.float()) * up.float()).to(x.dtype)  # [T*K, inter]
-    down = x.new_empty(num_pairs, hidden)
+    down = x.new_zeros(num_pairs, hidden)  # no host sync to ask whether any pair is foreign
     weights = topk_weights.reshape(-1).contiguous().to(torch.float32)
     _grouped_gemm(act, w2, down, sorted_ids, block_expert, weights, 1, block_m)
     return down.view(num_tokens, top_k, hidden).float().sum(1).to(x.dtype)
 
 
 def fused_moe_ref(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_start: int = 0,
 ) -> torch.Tensor:
     """The same contract in torch, float32 math, one expert at a time."""
     inter = w2.shape[2]
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     for e in range(w13.shape[0]):
-        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        tok, slot = (topk_ids == expert_start + e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
         h = x[tok].float() @ w13[e].float().T

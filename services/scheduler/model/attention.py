@@ -7,10 +7,24 @@ backend (Triton, FlashInfer) replaces this class and keeps its `forward` signatu
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
 from services.scheduler.model.batch import ForwardBatch
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        batch: ForwardBatch,
+        scale: float | None = None,
+    ) -> torch.Tensor: ...  # [T, num_heads, head_dim]
 
 
 def store_kv(layer_id: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from torch import nn
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.layers import RMSNorm
-from services.scheduler.model.mla import DeepseekRotary, MLAAttention
+from services.scheduler.model.mla import DeepseekRotary, MLAAttention, MLABackend, TorchMLABackend
 from services.scheduler.model.moe import MLP, DeepseekMoE
 from services.scheduler.model.parallel import Linears
 
@@ -35,9 +35,22 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: DeepseekRotary) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rotary)
-        return x + self.linears.around_mlp(self.post_attention_layernorm(x), self.mlp)
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        rotary: DeepseekRotary,
+        backend: MLABackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's feed-forward output, the residual stream before it), as in llama.py."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch, rotary, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.linears.around_mlp(h, self.mlp), residual
 
 
 class DeepseekModel(nn.Module):
@@ -54,23 +67,23 @@ class DeepseekModel(nn.Module):
             mla.qk_rope_head_dim, config.rope_theta, config.rope_scaling, mla.rope_interleave
         )
 
-    def forward(self, batch: ForwardBatch, attn_backend: object = None) -> torch.Tensor:
-        # attn_backend: accepted for the engine's Llama-style call model.model(batch, backend);
-        # MLA reads its latent pool itself (mla.latent_attention), so it is unused.
-        x = self.embed_tokens(batch.input_ids)
+    def forward(self, batch: ForwardBatch, backend: MLABackend) -> torch.Tensor:
+        x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
-            x = layer(x, batch, self.rotary_emb)
-        return x  # [T, hidden], before the final norm
+            x, residual = layer(x, residual, batch, self.rotary_emb, backend)
+        return x if residual is None else x + residual  # [T, hidden], before the final norm
 
 
 class DeepseekV2ForCausalLM(nn.Module):
     keep_fp32_suffixes = ("e_score_correction_bias",)  # the loader keeps these float32
-    attn_backend = None  # MLA has one attention path (mla.py); kept for the engine's call shape
 
-    def __init__(self, config: ModelConfig, linears: Linears | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, linears: Linears | None = None, attn_backend: MLABackend | None = None
+    ) -> None:
         super().__init__()
         lin = linears or Linears()
         self.config = config
+        self.attn_backend: MLABackend = attn_backend or TorchMLABackend()
         self.model = DeepseekModel(config, lin)
         self.lm_head = lin.attn.lm_head(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
@@ -83,7 +96,7 @@ class DeepseekV2ForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [B, vocab] of each request's last new token."""
         batch = batch.to(self.model.norm.weight.device)
-        hidden = self.model(batch)
+        hidden = self.model(batch, self.attn_backend)
         last = hidden[batch.last_token_index()]
         return self.lm_head(self.model.norm(last)).float()
 

@@ -1,8 +1,15 @@
-"""Building blocks shared by the decoder models: RMSNorm, rotary embedding, gated MLP."""
+"""Building blocks shared by the decoder models: RMSNorm, rotary embedding, gated MLP.
+
+RMSNorm and RotaryEmbedding compute in torch unless `use_triton()` switched them to their Triton
+kernels (services/scheduler/kernels; `--attention-backend triton`, the default on CUDA): the same
+contract either way, each kernel checked against the torch code here by tests/unit/test_kernels_*.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +19,37 @@ from services.scheduler.model.config import RopeScaling
 
 
 class RMSNorm(nn.Module):
+    """`norm(x)`, or with a residual `norm(x, residual)` -> (norm(x + residual), x + residual): the
+    decoder layers pass the residual stream along so that the add fuses into the norm."""
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self._fused: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def use_triton(self) -> None:
+        from services.scheduler.kernels.rmsnorm import fused_add_rmsnorm
+
+        self._fused = fused_add_rmsnorm
+
+    @overload
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self._fused is not None and x.dim() == 2 and x.stride(-1) == 1:
+            normed, summed = self._fused(x, self.weight, self.eps, residual)
+            return normed if residual is None else (normed, summed)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The statistic is taken in float32 whatever the activation dtype.
         dtype = x.dtype
         xf = x.float()
@@ -53,11 +85,19 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self._kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def use_triton(self) -> None:
+        from services.scheduler.kernels.rotary import rotary_embedding
+
+        self._kernel = rotary_embedding
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D], k: [T, KVH, D]; angles are computed in float32 from integer positions.
+        if self._kernel is not None:
+            return self._kernel(positions, q, k, self.inv_freq, is_neox=True)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [T, 1, D]
         cos, sin = emb.cos(), emb.sin()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.scheduler.model.attention import TorchAttentionBackend
+from services.scheduler.model.attention import AttentionBackend, TorchAttentionBackend
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.layers import RMSNorm, RotaryEmbedding
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,
         batch: ForwardBatch,
         rotary: RotaryEmbedding,
-        backend: TorchAttentionBackend,
+        backend: AttentionBackend,
     ) -> torch.Tensor:
         t = x.shape[0]
         if t == 0:  # an idle batch (DP attention): no rows, and o_proj's collective is skipped
@@ -75,12 +75,20 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         batch: ForwardBatch,
         rotary: RotaryEmbedding,
-        backend: TorchAttentionBackend,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rotary, backend)
-        return x + self.linears.around_mlp(self.post_attention_layernorm(x), self.mlp)
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the previous layer's output
+        is added to the residual inside the next norm (fused on the Triton path)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch, rotary, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.linears.around_mlp(h, self.mlp), residual
 
 
 class LlamaModel(nn.Module):
@@ -93,11 +101,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, batch: ForwardBatch, backend: TorchAttentionBackend) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
+    def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+        x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
-            x = layer(x, batch, self.rotary_emb, backend)
-        return x  # [T, hidden], before the final norm
+            x, residual = layer(x, residual, batch, self.rotary_emb, backend)
+        return x if residual is None else x + residual  # [T, hidden], before the final norm
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,12 +113,12 @@ class LlamaForCausalLM(nn.Module):
         self,
         config: ModelConfig,
         linears: Linears | None = None,
-        attn_backend: TorchAttentionBackend | None = None,
+        attn_backend: AttentionBackend | None = None,
     ) -> None:
         super().__init__()
         lin = linears or Linears()
         self.config = config
-        self.attn_backend = attn_backend or TorchAttentionBackend()
+        self.attn_backend: AttentionBackend = attn_backend or TorchAttentionBackend()
         self.model = LlamaModel(config, lin)
         self.lm_head = lin.attn.lm_head(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:

@@ -12,6 +12,8 @@ kv_lora_rank. Heads are independent, so a tensor-parallel rank holds a slice of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -72,29 +74,68 @@ def deepseek_inv_freq(dim: int, theta: float, s: RopeScaling | None) -> torch.Te
 
 
 class DeepseekRotary(nn.Module):
-    """Rope on the qk_rope_head_dim part. Interleaved: pairs (2i, 2i+1) rotate by angle i, and
-    the result is written de-interleaved ([evens | odds]) — q and k share the layout, so dot
-    products equal those of DeepSeek's complex-pair form."""
+    """Rope on the qk_rope_head_dim part of q and k. Interleaved (DeepSeek's complex-pair form):
+    pairs (2i, 2i+1) rotate by angle i. The torch path writes the result de-interleaved
+    ([evens | odds]), the Triton kernel in place; q and k always share a layout, so every q.k
+    product (and so the model) is the same on both."""
 
     def __init__(self, dim: int, theta: float, scaling: RopeScaling | None, interleave: bool) -> None:
         super().__init__()
         self.dim, self.theta, self.scaling, self.interleave = dim, theta, scaling, interleave
         self.attention_factor = yarn_attention_factor(scaling)
         self.register_buffer("inv_freq", deepseek_inv_freq(dim, theta, scaling), persistent=False)
+        self._kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def init_buffers(self, device: torch.device | str) -> None:
         self.inv_freq = deepseek_inv_freq(self.dim, self.theta, self.scaling).to(device)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, dim]; angles in float32 from integer positions.
+    def use_triton(self) -> None:
+        from services.scheduler.kernels.rotary import rotary_embedding
+
+        self._kernel = rotary_embedding
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, dim], k: [T, 1, dim]; angles in float32 from integer positions.
+        if self._kernel is not None:
+            q, k = self._kernel(positions, q, k, self.inv_freq, is_neox=not self.interleave)
+            if self.attention_factor != 1.0:  # rotation is linear: scaling cos/sin scales the result
+                q, k = q * self.attention_factor, k * self.attention_factor
+            return q, k
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, dim/2]
-        cos = (freqs.cos() * self.attention_factor)[:, None, :].to(x.dtype)
-        sin = (freqs.sin() * self.attention_factor)[:, None, :].to(x.dtype)
+        cos = (freqs.cos() * self.attention_factor)[:, None, :]
+        sin = (freqs.sin() * self.attention_factor)[:, None, :]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
             x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLABackend(Protocol):
+    def forward(
+        self,
+        q_latent: torch.Tensor,  # [T, H, kv_lora_rank]: q_nope absorbed through W_UK
+        q_rope: torch.Tensor,  # [T, H, rope]
+        cache: torch.Tensor,  # [size, 1, kv_lora_rank + rope]: this layer's latent pool
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor: ...  # [T, H, kv_lora_rank]
+
+
+class TorchMLABackend:
+    """Latent attention in torch: SDPA per request (`latent_attention`)."""
+
+    def forward(
+        self, q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float
+    ) -> torch.Tensor:
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        return latent_attention(q, cache, batch, q_latent.shape[-1], scale)
 
 
 class MLAAttention(nn.Module):
@@ -125,7 +166,9 @@ class MLAAttention(nn.Module):
         self.o_proj = lin.row(config.num_attention_heads * mla.v_head_dim, hidden, bias=bias)
         self.scale = yarn_softmax_scale(mla.qk_head_dim, config.rope_scaling)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: DeepseekRotary) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, rotary: DeepseekRotary, backend: MLABackend
+    ) -> torch.Tensor:
         m, t, h = self.mla, x.shape[0], self.num_heads
         if t == 0:  # an idle batch (DP attention): no rows, and o_proj's collective is skipped
             return torch.zeros_like(x)
@@ -138,8 +181,7 @@ class MLAAttention(nn.Module):
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rope = rotary(batch.positions, q_rope)
-        k_rope = rotary(batch.positions, k_rope[:, None, :])  # [T, 1, rope]
+        q_rope, k_rope = rotary(batch.positions, q_rope, k_rope[:, None, :])  # k_rope: [T, 1, rope]
 
         cache = batch.kv_pool.kv[self.layer_id]  # type: ignore[attr-defined]  # MLAKVPool: [size, 1, D]
         cache[batch.out_cache_loc] = torch.cat([latent[:, None, :], k_rope], dim=-1).to(cache.dtype)
@@ -147,8 +189,7 @@ class MLAAttention(nn.Module):
         w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         w_uk, w_uv = w[:, : m.qk_nope_head_dim], w[:, m.qk_nope_head_dim :]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
-        q_full = torch.cat([q_latent, q_rope], dim=-1)  # [T, H, kv_cache_dim]
-        o_latent = latent_attention(q_full, cache, batch, m.kv_lora_rank, self.scale)  # [T, H, kv_lora]
+        o_latent = backend.forward(q_latent, q_rope, cache, batch, self.scale)  # [T, H, kv_lora]
         o = torch.einsum("thc,hvc->thv", o_latent, w_uv).reshape(t, h * m.v_head_dim)
         return self.o_proj(o)
 

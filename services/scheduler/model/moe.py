@@ -105,15 +105,43 @@ class DeepseekMoE(nn.Module):
         if moe.n_shared_experts:
             self.shared_experts = MLP(hidden, moe.moe_intermediate_size * moe.n_shared_experts, linears)
         self.reduce = reduce
+        self._fused: Callable[..., torch.Tensor] | None = None
+        self.w13: torch.Tensor | None = None  # [E_local, 2 * inter, hidden], set by use_triton
+        self.w2: torch.Tensor | None = None  # [E_local, hidden, inter]
+
+    def use_triton(self) -> None:
+        """Routed experts through the grouped-GEMM kernel. Their weights are stacked once (after
+        loading) and each expert's parameters become views of the stack, so memory is not doubled."""
+        from services.scheduler.kernels.moe import fused_moe
+
+        ids = [e for e, _ in self._local]
+        if not ids:  # an EP rank holding no routed expert: the torch loop is already a no-op
+            return
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ValueError(f"the fused MoE kernel needs a contiguous range of local experts, got {ids}")
+        experts = [expert for _, expert in self._local]
+        inter = experts[0].gate_proj.weight.shape[0]
+        with torch.no_grad():
+            self.w13 = torch.stack([torch.cat([x.gate_proj.weight, x.up_proj.weight]) for x in experts])
+            self.w2 = torch.stack([x.down_proj.weight for x in experts])
+            for i, x in enumerate(experts):
+                x.gate_proj.weight.data = self.w13[i, :inter]
+                x.up_proj.weight.data = self.w13[i, inter:]
+                x.down_proj.weight.data = self.w2[i]
+        self._expert_start = ids[0]
+        self._fused = fused_moe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = torch.zeros_like(x)
-        for e, expert in self._local:
-            tok, k = (ids == e).nonzero(as_tuple=True)
-            if tok.numel():
-                y = expert(x[tok]) * weights[tok, k, None]
-                out.index_add_(0, tok, y.to(out.dtype))
+        if self._fused is not None:
+            out = self._fused(x.contiguous(), self.w13, self.w2, weights, ids, expert_start=self._expert_start)
+        else:
+            out = torch.zeros_like(x)
+            for e, expert in self._local:
+                tok, k = (ids == e).nonzero(as_tuple=True)
+                if tok.numel():
+                    y = expert(x[tok]) * weights[tok, k, None]
+                    out.index_add_(0, tok, y.to(out.dtype))
         if self.reduce is not None:
             out = self.reduce(out)
         if self.shared_experts is not None:
