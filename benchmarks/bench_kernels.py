@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,25 +184,53 @@ V2_LITE = {
 }
 
 
-def e2e_decode(dtype: torch.dtype, layers: int, batches: tuple[int, ...], ctx: int, steps: int) -> list[tuple]:
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """ms of one call: CUDA events on a GPU, the wall clock elsewhere."""
+    if device == "cuda":
+        def cuda_ms(fn: Callable[[], object]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return cuda_ms
+
+    def wall_ms(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+    return wall_ms
+
+
+def e2e_decode(
+    config_json: dict, dtype: torch.dtype, device: str, backend: str,
+    batches: tuple[int, ...], ctx: int, steps: int,
+) -> list[tuple]:
+    """(backend, layers, batch, ctx, step ms, tokens/s) per batch size: batched decode steps of the
+    whole model with random weights over a random cached context, on the torch or the Triton path
+    (`install_attention_backend`, as the scheduler does for --attention-backend)."""
+    from services.scheduler.model.attention_backends import install_attention_backend
     from services.scheduler.model.batch import build_forward_batch
     from services.scheduler.model.config import ModelConfig
     from services.scheduler.model.mla_pool import make_kv_pool
     from services.scheduler.model.registry import get_model_class
 
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(V2_LITE | {"num_hidden_layers": layers}))
+        (Path(d) / "config.json").write_text(json.dumps(config_json))
         config = ModelConfig.from_hf(Path(d))
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = get_model_class(config.architecture)(config).eval()  # random weights, default init
     finally:
         torch.set_default_dtype(old)
+    install_attention_backend(model, backend, device)
+    timed = _timer(device)
     rows = []
     for batch in batches:
-        pool = make_kv_pool(config, batch * (ctx + steps) + 1, dtype, "cuda")
+        pool = make_kv_pool(config, batch * (ctx + steps) + 1, dtype, device)
         prefix = [pool.alloc(ctx) for _ in range(batch)]  # the cached context: random latent rows
         for layer in getattr(pool, "kv", []):
             layer.normal_()
@@ -211,20 +240,31 @@ def e2e_decode(dtype: torch.dtype, layers: int, batches: tuple[int, ...], ctx: i
             for step in range(steps):
                 new = [pool.alloc(1) for _ in range(batch)]
                 toks = torch.randint(0, config.vocab_size, (batch, 1), generator=g).tolist()
-                fb = build_forward_batch(toks, prefix, new, pool, device="cuda")
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(fb)
-                end.record()
-                end.synchronize()
-                if step >= 2:
-                    ms.append(start.elapsed_time(end))
+                fb = build_forward_batch(toks, prefix, new, pool, device=device)
+                took = timed(lambda fb=fb: model(fb))
+                if step >= min(2, steps - 1):  # the first steps warm up (Triton compiles)
+                    ms.append(took)
                 prefix = [torch.cat([p, n]) for p, n in zip(prefix, new, strict=True)]
         step_ms = statistics.median(ms)
-        rows.append((layers, batch, ctx, step_ms, batch * 1000 / step_ms))
+        rows.append((backend, config.num_hidden_layers, batch, ctx, step_ms, batch * 1000 / step_ms))
         del pool
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
+
+
+def dp_attention_capacity(config_json: dict, dtype: torch.dtype, world: int, kv_gib_per_rank: float) -> list[tuple]:
+    """(layout, KV tokens in all) for `world` ranks with the same KV byte budget each: plain TP holds
+    the one latent cache replicated on every rank; DP attention (dp = world) gives each rank its
+    own group's cache. What DP attention is for with MLA: `world` times the tokens."""
+    from services.scheduler.model.config import ModelConfig
+    from services.scheduler.model.mla_pool import kv_bytes_per_token
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(config_json))
+        config = ModelConfig.from_hf(Path(d))
+    per_rank = int(kv_gib_per_rank * 2**30 // kv_bytes_per_token(config, dtype))
+    return [(f"tp {world}", per_rank), (f"tp {world} dp {world} DP attention", per_rank * world)]
 
 
 def main() -> int:
@@ -233,6 +273,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=27, help="decoder layers of the e2e model (V2-Lite: 27)")
     ap.add_argument("--ctx", type=int, default=1024, help="cached context per request in the e2e test")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--kv-gib-per-rank", type=float, default=40.0, help="KV budget per rank for the capacity table")
     ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -249,16 +290,29 @@ def main() -> int:
         print(f"| {name} | {shape} | {tt:.3f} | {tk:.3f} | {sp:.2f}x | {err:.1e} | {gbs:.0f} | {pct:.0f}% |")
     if args.skip_e2e:
         return 0
-    print("\nEnd-to-end decode, DeepSeek-V2-Lite shapes, random weights (model's own attention/MoE path)")
-    print("DP attention: no DP-attention mode exists in this tree yet, so only the plain run is timed.")
-    print("| layers | batch | ctx | step ms | tokens/s |")
-    print("| --- | --- | --- | --- | --- |")
+    config_json = V2_LITE | {"num_hidden_layers": args.layers}
+    print("\nEnd-to-end decode, DeepSeek-V2-Lite shapes, random weights, one GPU: the torch path vs the")
+    print("Triton path (MLA decode, grouped MoE, fused norm, rotary), as --attention-backend picks them")
+    print("| backend | layers | batch | ctx | step ms | tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     try:
-        for layers, batch, ctx, step_ms, tps in e2e_decode(dtype, args.layers, (1, 16, 64), args.ctx, args.steps):
-            print(f"| {layers} | {batch} | {ctx} | {step_ms:.1f} | {tps:.0f} |")
-    except Exception as exc:  # the model code is another module's; report, don't hide the kernel table
+        for backend in ("torch", "triton"):
+            for row in e2e_decode(config_json, dtype, "cuda", backend, (1, 16, 64), args.ctx, args.steps):
+                name, layers, batch, ctx, step_ms, tps = row
+                print(f"| {name} | {layers} | {batch} | {ctx} | {step_ms:.1f} | {tps:.0f} |")
+    except Exception as exc:  # report, don't hide the kernel table
         print(f"e2e decode failed: {type(exc).__name__}: {exc}")
         return 1
+    world = torch.cuda.device_count()
+    print(f"\nKV capacity with and without DP attention ({args.kv_gib_per_rank:g} GiB of KV per rank, {args.layers} layers)")
+    print("| layout | KV tokens |")
+    print("| --- | --- |")
+    for layout, tokens in dp_attention_capacity(config_json, dtype, max(world, 2), args.kv_gib_per_rank):
+        print(f"| {layout} | {tokens} |")
+    if world < 2:
+        print("DP attention throughput needs one rank per GPU (NCCL); this machine has one GPU. Through "
+              "the server: `dpserve serve --tp-size 2 --dp-size 2 --enable-dp-attention` on >= 2 GPUs, "
+              "or benchmarks/bench_dpa.py (gloo, tiny model) on the CPU.")
     return 0
 
 

@@ -164,3 +164,28 @@ def test_torch_and_auto_on_the_cpu_leave_the_model_alone(tiny_model: Path) -> No
     assert install_attention_backend(model, "torch", "cpu") == "torch"
     assert model.attn_backend is before
     assert all(m._fused is None for m in model.modules() if isinstance(m, RMSNorm))
+
+
+def test_the_gpu_benchmark_end_to_end_part_runs_on_both_paths() -> None:
+    """benchmarks/bench_kernels.py's e2e decode (V2-Lite's layout, shrunk) on the CPU: the code
+    the GPU run will take, on the torch and the Triton path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = bench.V2_LITE | {
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+        "v_head_dim": 16, "head_dim": 8,
+    }
+    for backend in ("torch", "triton"):
+        rows = bench.e2e_decode(small, torch.float32, "cpu", backend, (1, 3), ctx=5, steps=2)
+        assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(backend, 2, 1, 5), (backend, 2, 3, 5)]
+        assert all(r[4] > 0 and r[5] > 0 for r in rows)
+    capacity = bench.dp_attention_capacity(small, torch.bfloat16, 2, kv_gib_per_rank=1.0)
+    per_token = 2 * (32 + 8) * 2  # layers x (latent + rope) x bf16
+    assert capacity == [("tp 2", 2**30 // per_token), ("tp 2 dp 2 DP attention", 2 * (2**30 // per_token))]
