@@ -47,6 +47,26 @@ def test_extend_matches_reference(case: tuple, dtype: torch.dtype) -> None:
     assert_close(out, ref, rtol_for(K.EXTEND_RTOL, dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mla_prefill_as_multi_query_over_the_latent_rows(dtype: torch.dtype) -> None:
+    """How TritonMLABackend prefills: one latent "kv head" [c_kv | k_rope] per token, the values its
+    first kv_lora_rank columns (a strided view, DV < D), every query head reading it."""
+    ext, pre, heads, c, r = [3, 1, 18], [0, 9, 33], 5, 24, 8
+    seq = [e + p for e, p in zip(ext, pre, strict=True)]
+    torch.manual_seed(4)
+    pool = sum(seq) + 3
+    cache = torch.randn(pool, 1, c + r, device=DEVICE).to(dtype)
+    values = cache[..., :c]
+    assert values.stride(0) == c + r  # really a view into the latent rows, not a copy
+    q = torch.randn(sum(ext), heads, c + r, device=DEVICE).to(dtype)
+    qo_indptr, kv_indptr = paged.indptr_from_lens(ext, DEVICE), paged.indptr_from_lens(seq, DEVICE)
+    kv_indices = random_slots(pool, sum(seq), seed=5)
+    out = poison(sum(ext), heads, c, dtype=dtype)
+    K.extend_attention(q, cache, values, qo_indptr, kv_indptr, kv_indices, max(ext), 0.1, out=out)
+    ref = K.extend_attention_ref(q, cache, values, qo_indptr, kv_indptr, kv_indices, 0.1)
+    assert_close(out, ref, rtol_for(K.EXTEND_RTOL, dtype))
+
+
 def test_reference_agrees_with_sdpa_without_prefix() -> None:
     # The reference itself is checked against torch's causal SDPA on a contiguous, prefix-free case.
     torch.manual_seed(0)
