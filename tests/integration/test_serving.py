@@ -153,10 +153,16 @@ async def test_malformed_bus_messages_are_dropped(server, nats_url: str) -> None
         TokenizedRequest(rid="ghost2", gateway_id="nobody", input_ids=[10**9])))
     await nc.flush()
     await nc.close()
-    time.sleep(1.0)
-    log = server.log()
-    for service in ("tokenizer", "dispatcher", "scheduler", "detokenizer"):
-        assert any(service in line and "dropped undecodable message" in line for line in log.splitlines()), service
+    services = ("tokenizer", "dispatcher", "scheduler", "detokenizer")
+
+    def dropped(service: str) -> bool:
+        return any(service in line and "dropped undecodable message" in line for line in server.log().splitlines())
+
+    deadline = time.monotonic() + 15  # each service logs its drop as it reads the garbage
+    while not all(dropped(s) for s in services) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for service in services:
+        assert dropped(service), service
     out = generate(server.url, text="after the garbage", sampling_params=greedy(5))
     assert out["meta_info"]["completion_tokens"] == 5
     assert server.proc.poll() is None
