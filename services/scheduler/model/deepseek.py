@@ -14,7 +14,7 @@ from torch import nn
 
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
-from services.scheduler.model.layers import RMSNorm
+from services.scheduler.model.layers import RMSNorm, pre_norm_layer
 from services.scheduler.model.mla import DeepseekRotary, MLAAttention, MLABackend, TorchMLABackend
 from services.scheduler.model.moe import MLP, DeepseekMoE
 from services.scheduler.model.parallel import Linears
@@ -43,14 +43,7 @@ class DeepseekDecoderLayer(nn.Module):
         rotary: DeepseekRotary,
         backend: MLABackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's feed-forward output, the residual stream before it), as in llama.py."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, batch, rotary, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.linears.around_mlp(h, self.mlp), residual
+        return pre_norm_layer(self, x, residual, lambda h: self.self_attn(h, batch, rotary, backend))
 
 
 class DeepseekModel(nn.Module):

@@ -78,19 +78,27 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     raise ValueError(f"unsupported rope type {scaling.rope_type!r}")
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (the GPT-NeoX / HF Llama layout: pairs are (i, i + head_dim/2))."""
+class Rotary(nn.Module):
+    """What the rotary modules share: `forward(positions, q, k) -> (q, k)`, and `use_triton()`,
+    which hands them the Triton rotary kernel (`_kernel`) to use instead of their torch code."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.head_dim = head_dim
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         self._kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def use_triton(self) -> None:
         from services.scheduler.kernels.rotary import rotary_embedding
 
         self._kernel = rotary_embedding
+
+
+class RotaryEmbedding(Rotary):
+    """Rotate-half RoPE (the GPT-NeoX / HF Llama layout: pairs are (i, i + head_dim/2))."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -109,6 +117,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
+
+
+def pre_norm_layer(
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, attend: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm decoder layer (input_layernorm, attention, post_attention_layernorm, mlp run by
+    `layer.linears.around_mlp`) over the residual stream: returns (the MLP's output, the residual
+    before it). The previous layer's output is added to the residual inside the next norm, which
+    fuses the add on the Triton path; `residual` is None at the first layer."""
+    if residual is None:
+        residual, h = x, layer.input_layernorm(x)
+    else:
+        h, residual = layer.input_layernorm(x, residual)
+    h, residual = layer.post_attention_layernorm(attend(h), residual)
+    return layer.linears.around_mlp(h, layer.mlp), residual
 
 
 class GatedMLP(nn.Module):

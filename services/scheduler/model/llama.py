@@ -15,7 +15,7 @@ from torch import nn
 from services.scheduler.model.attention import AttentionBackend, TorchAttentionBackend
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
-from services.scheduler.model.layers import RMSNorm, RotaryEmbedding
+from services.scheduler.model.layers import RMSNorm, RotaryEmbedding, pre_norm_layer
 from services.scheduler.model.moe import MLP
 from services.scheduler.model.parallel import Linears
 
@@ -80,15 +80,7 @@ class LlamaDecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's MLP output, the residual stream before it): the previous layer's output
-        is added to the residual inside the next norm (fused on the Triton path)."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, batch, rotary, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.linears.around_mlp(h, self.mlp), residual
+        return pre_norm_layer(self, x, residual, lambda h: self.self_attn(h, batch, rotary, backend))
 
 
 class LlamaModel(nn.Module):

@@ -12,7 +12,6 @@ kv_lora_rank. Heads are independent, so a tensor-parallel rank holds a slice of 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import MLAConfig, ModelConfig, RopeScaling
-from services.scheduler.model.layers import RMSNorm
+from services.scheduler.model.layers import RMSNorm, Rotary
 from services.scheduler.model.parallel import Linears
 
 
@@ -73,7 +72,7 @@ def deepseek_inv_freq(dim: int, theta: float, s: RopeScaling | None) -> torch.Te
     return interpolated * (1 - keep) + extrapolated * keep
 
 
-class DeepseekRotary(nn.Module):
+class DeepseekRotary(Rotary):
     """Rope on the qk_rope_head_dim part of q and k. Interleaved (DeepSeek's complex-pair form):
     pairs (2i, 2i+1) rotate by angle i. The torch path writes the result de-interleaved
     ([evens | odds]), the Triton kernel in place; q and k always share a layout, so every q.k
@@ -84,15 +83,9 @@ class DeepseekRotary(nn.Module):
         self.dim, self.theta, self.scaling, self.interleave = dim, theta, scaling, interleave
         self.attention_factor = yarn_attention_factor(scaling)
         self.register_buffer("inv_freq", deepseek_inv_freq(dim, theta, scaling), persistent=False)
-        self._kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def init_buffers(self, device: torch.device | str) -> None:
         self.inv_freq = deepseek_inv_freq(self.dim, self.theta, self.scaling).to(device)
-
-    def use_triton(self) -> None:
-        from services.scheduler.kernels.rotary import rotary_embedding
-
-        self._kernel = rotary_embedding
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
