@@ -95,6 +95,7 @@ class GenerateRequest(Struct, kw_only=True, omit_defaults=True):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no input logprobs
+    first_seq: int = 0  # > 0 when the gateway submits a lost request again (a new seq epoch)
 
 
 # --- tokenizer -> dispatcher -> scheduler ---------------------------------------------------

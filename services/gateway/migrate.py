@@ -172,9 +172,14 @@ class Recovery:
         nothing_yet = stream.received_nothing
         if original is not None and nothing_yet and track.resumes < MAX_RESUMES:
             track.resumes += 1
+            # A new epoch, as for a resume: should the original only have been delayed and run
+            # after all, its steps count as duplicates here and never mix with the new run's.
+            track.epoch += 1
+            again = msgspec.structs.replace(original, first_seq=track.epoch << EPOCH_BITS)
+            stream.switch_epoch(again.first_seq)
             log.warning("rid=%s was lost before reaching a rank; submitting it again", stream.rid)
             try:
-                await self.state.bus.publish(self.state.subjects.tokenize, original)
+                await self.state.bus.publish(self.state.subjects.tokenize, again)
             except Exception as e:
                 log.warning("resubmission of rid=%s failed: %r", stream.rid, e)
             return

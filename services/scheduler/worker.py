@@ -128,9 +128,11 @@ class SchedulerService(Service):
         self.engine = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_engine)
         if self.dp_rank < 0:
             self.dp_rank = await self.register_rank(None)
-        # rid -> dispatch id of every accepted request that has not emitted its final output; the
-        # engine's queues can't tell this mid-step (a prompt being prefilled is in neither)
-        self.held: dict[str, int] = {}
+        # rid -> {first_seq: dispatch id} of every accepted run that has not emitted its final
+        # output (the engine's queues can't tell this mid-step: a prompt being prefilled is in
+        # neither). One rid may have two runs here: a gateway that took its request for lost
+        # submits it again at a new seq epoch, and the original may turn up after all.
+        self.held: dict[str, dict[int, int]] = {}
         self.finished: list[int] = []  # dispatch ids that ended since the last report
         self.fenced: dict[str, None] = {}  # rids the dispatcher took away from this rank (bounded)
         self.inbox: list[Req] = []
@@ -200,13 +202,28 @@ class SchedulerService(Service):
         self.inbox.append(Req.from_msg(msg))
         self.inbox_msgs.append(msg)
         self.accepted.append(msg.dispatch_id)
-        self.held[msg.rid] = msg.dispatch_id
+        self.held.setdefault(msg.rid, {})[msg.first_seq] = msg.dispatch_id
         self.wake.set()
+
+    def _finished_run(self, rid: str, seq: int) -> None:
+        """The run of `rid` whose step `seq` was its last is done: the dispatcher hears it finished.
+        A run's seqs start at its first_seq, and each epoch's first_seq is above every seq of the
+        earlier ones, so the run is the one with the largest first_seq <= seq."""
+        runs = self.held[rid]
+        first = max((f for f in runs if f <= seq), default=None)
+        if first is None:
+            return
+        self.finished.append(runs.pop(first))
+        if not runs:
+            del self.held[rid]
 
     def _refusal(self, msg: TokenizedRequest) -> tuple[str, int] | None:
         """(message, HTTP status) when this rank will not take `msg`: its waiting queue is full
         (--max-queued-requests-per-rank; 429, the gateway adds Retry-After), or the request carries
         values that would break a step (they never pass the tokenizer; this guards the bus)."""
+        if msg.first_seq in self.held.get(msg.rid, ()):
+            # another gateway's request with the same rid (gateways refuse their own repeats)
+            return f"a request with rid {msg.rid!r} is already in progress on DP rank {self.dp_rank}", 400
         bound = self.args.max_queued_requests_per_rank
         waiting = len(self.engine.waiting) + len(self.inbox)
         if bound > 0 and waiting >= bound:
@@ -352,7 +369,7 @@ class SchedulerService(Service):
             return
         for out in outputs:
             if out.finish is not None and out.rid in self.held:
-                self.finished.append(self.held.pop(out.rid))
+                self._finished_run(out.rid, out.seq)
         # A fenced rid was given to another rank (or instance): its "aborted" end here must not
         # reach the gateway, which now follows the other placement.
         outputs = [o for o in outputs if not (o.rid in self.fenced and o.finish and o.finish.type == "abort")]

@@ -75,4 +75,5 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
         return_logprob=req.return_logprob,
         top_logprobs_num=req.top_logprobs_num,
         logprob_start_len=req.logprob_start_len,
+        first_seq=req.first_seq,
     )

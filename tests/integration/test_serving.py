@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -14,9 +15,19 @@ import nats
 import pytest
 from tokenizers import Tokenizer
 
-from shared.messages import GenerateRequest, TokenBatch, TokenizedRequest, TokenOutput
+from shared.messages import (
+    GenerateRequest,
+    RequestError,
+    SamplingParams,
+    TextBatch,
+    TextOutput,
+    TokenBatch,
+    TokenizedRequest,
+    TokenOutput,
+)
 from shared.subjects import Subjects
 from tests.integration.client import generate, get, post, stream
+from tests.integration.failures import wait_loads
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +187,50 @@ def test_health_and_models(server) -> None:
     status, out = get(server.url + "/no/such/route")
     assert status == 404 and out["error"]["message"]
     json.dumps(out)
+
+
+async def test_two_runs_of_one_rid_on_a_rank_keep_the_load_accounting(server, nats_url: str) -> None:
+    """A request a gateway took for lost is submitted again at a new seq epoch; if the original
+    turns up after all, one rank holds two runs of the rid. Each run ends in its own epoch, and the
+    dispatcher hears both end (nothing stays "accepted"). The same rid and epoch from another
+    gateway is refused with a 400 while the first runs."""
+    subjects = Subjects("dpserve")
+    nc = await nats.connect(nats_url)
+    got: dict[str, list] = {"gw-a": [], "gw-b": []}
+
+    async def collect(msg: Any) -> None:
+        batch = msgspec.msgpack.decode(msg.data, type=TextBatch)
+        got[msg.subject.rsplit(".", 1)[-1]].extend(batch.outputs)
+
+    for gw in got:
+        await nc.subscribe(subjects.out(gw), cb=collect)
+
+    def request(gw: str, first_seq: int, n: int) -> bytes:
+        return msgspec.msgpack.encode(GenerateRequest(
+            rid="twice", gateway_id=gw, input_ids=[5, 6, 7], routed_dp_rank=0, first_seq=first_seq, stream=True,
+            sampling=SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True),
+        ))
+
+    async def until(cond: Any, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.02)
+
+    def finals(gw: str) -> list[Any]:
+        return [o for o in got[gw] if isinstance(o, TextOutput) and o.finish is not None]
+
+    await nc.publish(subjects.tokenize, request("gw-a", 0, 400))
+    await until(lambda: got["gw-a"], "the first run's first step")
+    await nc.publish(subjects.tokenize, request("gw-b", 0, 4))  # same rid and epoch, other gateway
+    await nc.publish(subjects.tokenize, request("gw-a", 1 << 32, 8))  # the resubmission
+    await until(lambda: len(finals("gw-a")) == 2, "both runs' finals")
+    await until(lambda: got["gw-b"], "the other gateway's answer")
+    await nc.close()
+    (refused,) = got["gw-b"]
+    assert isinstance(refused, RequestError) and refused.status == 400 and "already in progress" in refused.message
+    by_epoch = {o.seq >> 32: o for o in finals("gw-a")}
+    assert sorted(by_epoch) == [0, 1]
+    assert by_epoch[0].completion_tokens == 400 and by_epoch[1].completion_tokens == 8
+    wait_loads(server.url, "rank 0 holding nothing",
+               lambda ls: ls[0]["accepted_requests"] == 0 and ls[0]["in_flight_requests"] == 0, timeout=10)

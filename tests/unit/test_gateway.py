@@ -507,3 +507,36 @@ async def test_stream_timeout_after_headers_sends_error_event(make_gateway: Call
     assert events[-1] == "[DONE]"
     await gw.state.drain()
     assert gw.aborts() == ["t"]
+
+
+async def test_a_lost_request_is_submitted_again_at_a_new_epoch(gw: Harness) -> None:
+    """The dispatcher twice does not know a request of which nothing arrived: the gateway submits it
+    again at a new seq epoch, so steps of the original, should it turn up after all, are ignored."""
+    from services.gateway.migrate import EPOCH_BITS, Recovery
+
+    class Unknown:
+        async def request(self, subject: str, msg: Any, reply_type: type, timeout: float) -> Any:
+            return reply_type(status="unknown")
+
+    recovery = Recovery(gw.state, Unknown())
+    gw.state.bus = recovery.watch(gw.bus)
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(gw.client.post("/generate", json={"text": "x", "rid": "lost", "stream": True}))
+        original = await gw.published("lost")
+        stream = gw.state.streams.get("lost")
+        assert stream is not None and original.first_seq == 0
+        await recovery.check(stream)  # unknown once: not yet
+        assert len(gw.bus.of(GenerateRequest)) == 1
+        await recovery.check(stream)  # unknown twice: lost
+        again = gw.bus.of(GenerateRequest)[-1]
+        assert len(gw.bus.of(GenerateRequest)) == 2 and again.rid == "lost"
+        assert again.first_seq >= 1 << EPOCH_BITS and again.first_seq % (1 << EPOCH_BITS) == 0  # a new epoch
+        assert again.text == original.text
+        gw.feed(step("lost", 0, "late", [7]))  # the original after all: ignored
+        epoch = again.first_seq
+        gw.feed(step("lost", epoch, "a", [1]))
+        gw.feed(step("lost", epoch + 1, "b", [2], finish=FinishReason(type="length", length=2), full_text="ab"))
+        events = await read_sse(await task)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["text"] == "ab" and events[-2]["output_ids"] == [1, 2]
+    assert all("late" not in e["text"] for e in events[:-1])
