@@ -44,7 +44,7 @@ class ServerArgs:
     dist_timeout: float = 30.0  # seconds a torch.distributed collective may wait for a peer before the rank exits
     load_balance_method: str = "minimum_tokens"
     cache_threshold: float = 0.5  # cache_aware: route by prefix when the best match ratio exceeds this
-    balance_abs_threshold: int = 32  # cache_aware: imbalanced when max - min load (tokens) exceeds this
+    balance_abs_threshold: int = 32  # cache_aware: imbalanced when max - min load (requests) exceeds this
     balance_rel_threshold: float = 1.0001  # ... and max load exceeds min load times this
     max_tree_size: int = 1 << 22  # cache_aware: tokens kept per rank's approximate prefix tree (LRU)
     max_running_requests: int = 64

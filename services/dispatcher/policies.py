@@ -117,10 +117,11 @@ class Random(Policy):
 
 @register("cache_aware")
 class CacheAware(Policy):
-    """Prefix affinity unless the load is imbalanced (SGLang router's rule, with token loads).
+    """Prefix affinity unless the load is imbalanced (the SGLang router's rule and flags).
 
     Imbalanced: max - min load > balance_abs_threshold and max > min * balance_rel_threshold, where
-    load = reported holding tokens + in-flight tokens; then the lightest rank gets the request.
+    a rank's load is its request count (running + waiting + in flight), the unit the SGLang router's
+    thresholds are in; then the rank with the fewest tokens (held + in flight) gets the request.
     Otherwise the rank whose tree matches the longest prefix of the full prompt wins when the match
     covers more than `cache_threshold` of it; below that, the rank with the smallest tree.
     """
@@ -130,8 +131,8 @@ class CacheAware(Policy):
         self.tree = PrefixTree(self.config.max_tree_size)
 
     def pick(self, req: TokenizedRequest, live: list[RankState]) -> RankState:
-        loads = {r.dp_rank: minimum_tokens_load(r) for r in live}
-        lo, hi = min(loads.values()), max(loads.values())
+        requests = [r.num_requests for r in live]
+        lo, hi = min(requests), max(requests)
         cfg = self.config
         if hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold:
             return _lightest(live, minimum_tokens_load)
@@ -140,7 +141,7 @@ class CacheAware(Policy):
         if req.input_ids and match.length / len(req.input_ids) > cfg.cache_threshold:
             # among equally good matches, the lighter one
             return _lightest([by_rank[k] for k in match.ranks], minimum_tokens_load)
-        return min(live, key=lambda r: (self.tree.size.get(r.dp_rank, 0), loads[r.dp_rank], r.dp_rank))
+        return min(live, key=lambda r: (self.tree.size.get(r.dp_rank, 0), minimum_tokens_load(r), r.dp_rank))
 
     def on_dispatched(self, req: TokenizedRequest, dp_rank: int) -> None:
         self.tree.insert(req.input_ids, dp_rank)

@@ -121,12 +121,24 @@ def test_cache_aware_below_threshold_goes_to_the_smallest_tree() -> None:
 
 
 def test_cache_aware_balances_when_imbalanced() -> None:
-    t = table(1000, 0)
+    """Imbalance is judged in requests (the SGLang router's unit for these flags); the lighter rank
+    by tokens then gets the request."""
+    t = LoadTable(dead_after=1.0)
+    t.on_report(report(0, holding=5000, running=40), now=0.0)
+    t.on_report(report(1, holding=9000, running=3), now=0.0)
+    t.on_report(report(2, holding=100, running=2), now=0.0)
     policy = make_policy("cache_aware")  # abs 32, rel 1.0001
     policy.on_dispatched(req(1, list(range(100))), 0)
-    assert policy.pick(req(2, list(range(100))), t.live_ranks()).dp_rank == 1  # 1000 - 0 > 32
-    t.on_report(report(1, seq=2, holding=990), now=0.0)
-    assert policy.pick(req(3, list(range(100))), t.live_ranks()).dp_rank == 0  # within 32: prefix wins
+    assert policy.pick(req(2, list(range(100))), t.live_ranks()).dp_rank == 2  # 40 - 2 > 32: fewest tokens
+    t.on_report(report(0, seq=2, holding=5000, running=30), now=0.0)
+    assert policy.pick(req(3, list(range(100))), t.live_ranks()).dp_rank == 0  # 30 - 2 <= 32: prefix wins
+    # a token gap alone is no imbalance: 9000 vs 100 tokens but 3 vs 2 requests
+    t.on_report(report(0, seq=3, holding=5000, running=1), now=0.0)
+    assert policy.pick(req(4, list(range(100))), t.live_ranks()).dp_rank == 0
+    # in-flight requests count as load too
+    for i in range(40):
+        t.add_in_flight(0, req(100 + i, 1), now=0.0)
+    assert policy.pick(req(5, list(range(100))), t.live_ranks()).dp_rank == 2
 
 
 def test_cache_aware_uses_the_whole_prompt_and_forgets_restarted_ranks() -> None:
