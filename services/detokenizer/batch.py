@@ -41,11 +41,13 @@ def detokenize_one(out: TokenOutput, decoder: IncrementalDecoder) -> TextOutput:
 
 
 def token_bytes(out: TokenOutput, decoder: IncrementalDecoder) -> dict[int, bytes] | None:
-    """Each id named by the output logprobs -> its bytes alone (None without output logprobs)."""
-    if not out.output_token_logprobs and not out.output_top_logprobs:
+    """Each id named by the logprobs (output and prompt) -> its bytes alone; None without logprobs."""
+    chosen = (out.output_token_logprobs or []) + (out.input_token_logprobs or [])
+    rows = (out.output_top_logprobs or []) + (out.input_top_logprobs or [])
+    if not chosen and not rows:
         return None
-    ids = {t for _, t in out.output_token_logprobs or ()}
-    ids.update(t for row in out.output_top_logprobs or () for _, t in row)
+    ids = {t for _, t in chosen}
+    ids.update(t for row in rows for _, t in row or ())
     return {t: decoder.to_bytes([t], skip_special_tokens=False) for t in sorted(ids)}
 
 

@@ -16,6 +16,12 @@ is never streamed (the gateway's hold-back, services/gateway/streams.py).
 Logprobs (chat `logprobs` + `top_logprobs`, completions `logprobs: k`) become /generate's
 `return_logprob` + `top_logprobs_num`; a streamed chunk carries the entries of the tokens received
 since the previous chunk of its choice (services/gateway/openai_logprobs.py builds both shapes).
+
+Completions' `echo` puts the prompt before the text (in the first chunk when streaming). With
+`logprobs`, or for a prompt of token ids (the gateway has no tokenizer), the request also asks for
+the prompt's logprobs from position 0, whose entries come first (the first token's logprob is
+null) and whose token bytes spell the echoed text. `echo` + `logprobs` + `max_tokens: 0` scores a
+prompt (an eval harness's loglikelihood): the scheduler prefills it and samples nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ import msgspec
 from aiohttp import web
 from msgspec import Struct
 
-from services.gateway.openai_logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs, num_entries
+from services.gateway.openai_logprobs import (
+    MAX_TOP_LOGPROBS,
+    chat_logprobs,
+    completion_logprobs,
+    num_entries,
+    prompt_text,
+)
 from services.gateway.protocol import SSE_DONE, InvalidRequest, check_encodable, encode_json, sse_event
 from services.gateway.streams import RequestStream
 from services.gateway.submit import SubmitError, submitted
@@ -186,8 +198,6 @@ def completion_prompts(body: CompletionBody) -> list[Prompt]:
         raise OpenAIError("token ids must be >= 0", param="prompt")
     if not prompts or any(not x for x in prompts):
         raise OpenAIError("prompt must not be empty", param="prompt")
-    if body.echo and not all(isinstance(x, str) for x in prompts):
-        raise OpenAIError("echo is supported for text prompts only", param="echo")
     return prompts
 
 
@@ -218,22 +228,40 @@ def chat_messages(body: ChatBody) -> list[ChatMessage]:
 class Choice:
     """One running choice: its index and stream, and how much of its text was streamed."""
 
-    def __init__(self, index: int, prompt_index: int, stream: RequestStream, top: int | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt_index: int,
+        stream: RequestStream,
+        top: int | None = None,
+        echo: Prompt | None = None,
+    ) -> None:
         self.index, self.prompt_index, self.stream = index, prompt_index, stream
         self.top = top  # None: no logprobs requested; else top logprobs per token (0..20)
+        self.echo = echo  # completions' echo: the prompt (text or token ids); None: no echo
         self.sent = 0  # characters of `stream.released` already streamed
         self.logprobs_sent = 0  # output positions whose logprobs were streamed
-        self.started = False  # chat: the role chunk went out
+        self.started = False  # chat: the role chunk went out; completions: the first text chunk
         self.finished = False  # the finish_reason chunk went out
+
+    def echo_text(self) -> str:
+        """The echoed prompt: its text, or a token-id prompt spelled from its tokens' bytes."""
+        if self.echo is None:
+            return ""
+        if isinstance(self.echo, str):
+            return self.echo
+        return prompt_text(self.stream)
 
     def logprobs_since(self, start: int, chat: bool) -> dict[str, Any] | None:
         """The logprobs object for the output positions from `start` on, and marks them sent;
-        None when no logprobs were requested."""
+        None when no logprobs were requested. With echo the prompt's entries lead the first one."""
         if self.top is None:
             return None
         end = num_entries(self.stream)
         self.logprobs_sent = end
-        return chat_logprobs(self.stream, start, end) if chat else completion_logprobs(self.stream, start, end)
+        if chat:
+            return chat_logprobs(self.stream, start, end)
+        return completion_logprobs(self.stream, start, end, echo=self.echo is not None)
 
 
 def finish_reason(stream: RequestStream) -> str | None:
@@ -287,8 +315,6 @@ class OpenAIRoutes:
                 body = decode_body(raw, CompletionBody)
                 assert isinstance(body, CompletionBody)
                 top = None if body.logprobs is None else check_top(body.logprobs, "logprobs")
-                if top is not None and body.echo:
-                    raise OpenAIError("echo with logprobs is not supported", param="echo")
                 if body.suffix:
                     raise OpenAIError("suffix is not supported", param="suffix")
                 prompts = completion_prompts(body)
@@ -299,8 +325,10 @@ class OpenAIRoutes:
             return error_response(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
 
         rid = body.rid or uuid.uuid4().hex
+        echo = isinstance(body, CompletionBody) and body.echo
         reqs = []
         for p_index, prompt in enumerate(prompts):
+            prompt_logprobs = echo and (top is not None or not isinstance(prompt, str))
             for j in range(body.n):
                 index = p_index * body.n + j
                 params = sampling
@@ -318,8 +346,9 @@ class OpenAIRoutes:
                         sampling=params,
                         stream=body.stream,
                         created=created,
-                        return_logprob=top is not None,
+                        return_logprob=top is not None or prompt_logprobs,
                         top_logprobs_num=top or 0,
+                        logprob_start_len=0 if prompt_logprobs else -1,
                     )
                 )
         try:
@@ -335,7 +364,10 @@ class OpenAIRoutes:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 streams = [await stack.enter_async_context(submitted(self.state, r)) for r in reqs]
-                choices = [Choice(i, i // body.n, s, top) for i, s in enumerate(streams)]
+                choices = [
+                    Choice(i, i // body.n, s, top, prompts[i // body.n] if echo else None)
+                    for i, s in enumerate(streams)
+                ]
                 if body.stream:
                     include_usage = body.stream_options is not None and body.stream_options.include_usage
                     return await self._stream(request, choices, meta, chat, include_usage)
@@ -358,9 +390,7 @@ class OpenAIRoutes:
             if chat:
                 item["message"] = {"role": "assistant", "content": text}
             else:
-                prompt = prompts[c.prompt_index]
-                echo = isinstance(body, CompletionBody) and body.echo and isinstance(prompt, str)
-                item["text"] = (prompt if echo else "") + text  # type: ignore[operator]
+                item["text"] = c.echo_text() + text
             item["logprobs"] = c.logprobs_since(0, chat)
             item["finish_reason"] = finish_reason(c.stream)
             if c.stream.finish is not None and c.stream.finish.matched is not None:
@@ -449,6 +479,9 @@ class OpenAIRoutes:
             c.started = True
         text = c.stream.released[c.sent :]
         c.sent = len(c.stream.released)
+        if not chat and not c.started:
+            text = c.echo_text() + text  # nothing of the choice went out yet: the prompt leads
+            c.started = True
         reason = finish_reason(c.stream) if c.stream.done else None
         new_logprobs = c.top is not None and num_entries(c.stream) > c.logprobs_sent
         if text or reason is not None or new_logprobs:

@@ -58,21 +58,46 @@ def chat_logprobs(stream: RequestStream, start: int, end: int) -> dict[str, Any]
     return {"content": content}
 
 
-def completion_logprobs(stream: RequestStream, start: int, end: int) -> dict[str, Any]:
-    """Legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}`; offsets count
-    characters of the concatenated token texts from the first generated token."""
+def prompt_text(stream: RequestStream) -> str:
+    """A prompt's text from its tokens' bytes (needs its input logprobs from position 0)."""
+    ids = [t for _, t in stream.logprobs.get("input_token_logprobs", ())]
+    return b"".join(stream.token_bytes.get(t, b"") for t in ids).decode("utf-8", errors="replace")
+
+
+def completion_logprobs(stream: RequestStream, start: int, end: int, echo: bool = False) -> dict[str, Any]:
+    """Legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}` for output
+    positions [start, end); offsets count characters of the concatenated token texts. With `echo`
+    the prompt's entries come first, in the object that starts at position 0 (the first prompt
+    token has no logprob: null, as its top_logprobs), and offsets count from the prompt's start."""
     toks = _Tokens(stream)
-    offset = sum(len(toks.text(t)) for _, t in toks.chosen[:start])
-    tokens, token_logprobs, tops, offsets = [], [], [], []
-    for i in range(start, end):
-        lp, token_id = toks.chosen[i]
+    prompt: list[Any] = stream.logprobs.get("input_token_logprobs", []) if echo else []
+    prompt_top: list[Any] = stream.logprobs.get("input_top_logprobs", []) if echo else []
+    offset = sum(len(toks.text(t)) for _, t in prompt) + sum(len(toks.text(t)) for _, t in toks.chosen[:start])
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+
+    def add(lp: float | None, token_id: int, top_row: list[Any] | None) -> None:
+        nonlocal offset
         text = toks.text(token_id)
         tokens.append(text)
         token_logprobs.append(lp)
-        row: dict[str, float] = {}
-        for v, t in toks.top_row(i):
-            row.setdefault(toks.text(t), v)  # two ids with one text: the likelier one stays
-        tops.append(row)
+        if top_row is None:
+            tops.append(None)
+        else:
+            row: dict[str, float] = {}
+            for v, t in top_row:
+                row.setdefault(toks.text(t), v)  # two ids with one text: the likelier one stays
+            tops.append(row)
         offsets.append(offset)
         offset += len(text)
+
+    if prompt and start == 0:
+        offset = 0
+        for i, (lp, token_id) in enumerate(prompt):
+            add(lp, token_id, None if lp is None else (prompt_top[i] if i < len(prompt_top) else None) or [])
+    for i in range(start, end):
+        lp, token_id = toks.chosen[i]
+        add(lp, token_id, toks.top_row(i))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -139,7 +139,7 @@ class Engine:
         if problem is not None:
             req.finish = FinishReason(type="abort", message=problem)
             self.finished_early.append(req)
-        elif len(req.output_ids) >= req.sampling.max_new_tokens:
+        elif len(req.output_ids) >= req.sampling.max_new_tokens and not req.scores_prompt:
             req.finish = FinishReason(type="length", length=len(req.output_ids))
             self.finished_early.append(req)
         else:
@@ -267,11 +267,14 @@ class Engine:
             if not emits:
                 continue  # mid-prompt chunk: stays PrefillManager.chunked
             token, lp, top = next(tokens)
-            req.output_ids.append(token)
-            if lp is not None:
-                req.output_logprobs.append(lp)
-                req.output_top.append(top)
-            req.finish = self._check_finish(req, token)
+            if req.scores_prompt:  # the prompt's logprobs were the point: nothing is generated
+                req.finish = FinishReason(type="length", length=0)
+            else:
+                req.output_ids.append(token)
+                if lp is not None:
+                    req.output_logprobs.append(lp)
+                    req.output_top.append(top)
+                req.finish = self._check_finish(req, token)
             if req.finished:
                 if req in self.decode.running:
                     self.decode.running.remove(req)

@@ -100,6 +100,12 @@ class Req:
         return len(self.input_ids) + self.sampling.max_new_tokens
 
     @property
+    def scores_prompt(self) -> bool:
+        """max_new_tokens 0 with input logprobs (prompt scoring, e.g. an eval harness's
+        loglikelihood): the prompt is prefilled for its logprobs and nothing is sampled."""
+        return self.sampling.max_new_tokens == 0 and self.input_logprob_start < len(self.input_ids)
+
+    @property
     def emits_now(self) -> bool:
         """Whether this step's forward reaches the end of the sequence (and so samples)."""
         return self.cached_len + self.extend_now == self.seq_len

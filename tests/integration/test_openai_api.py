@@ -34,6 +34,26 @@ def test_models_and_completion_match_generate(client: openai.OpenAI, server: Any
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
+def test_echo_logprobs_score_a_prompt_like_an_eval_harness(client: openai.OpenAI, server: Any, tiny_model: Any) -> None:
+    """lm-eval's loglikelihood call (echo + logprobs + max_tokens 0): the prompt's token logprobs,
+    the same numbers /generate gives with logprob_start_len 0, and nothing generated."""
+    text = "The quick brown fox jumps"
+    scored = client.completions.create(model="x", prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    (choice,) = scored.choices
+    ref = generate(server.url, text=text, sampling_params={"max_new_tokens": 1, "temperature": 0},
+                   return_logprob=True, logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+    assert choice.text == text and choice.logprobs is not None
+    assert choice.logprobs.token_logprobs is not None and choice.logprobs.tokens is not None
+    assert len(choice.logprobs.tokens) == len(ref) and "".join(choice.logprobs.tokens) == text
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([lp for lp, _, _ in ref[1:]], abs=1e-5)
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    # a prompt of token ids comes back as its text
+    ids = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode(text).ids
+    echoed = client.completions.create(model="x", prompt=ids, max_tokens=2, echo=True, temperature=0)
+    assert echoed.choices[0].text.startswith(text) and len(echoed.choices[0].text) > len(text)
+
+
 def test_completion_n_and_seed_are_reproducible(client: openai.OpenAI) -> None:
     kwargs: dict[str, Any] = {"model": "x", "prompt": "abc", "max_tokens": 6, "n": 3, "seed": 11, "temperature": 1.0}
     a = client.completions.create(**kwargs)

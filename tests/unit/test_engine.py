@@ -268,3 +268,12 @@ def test_logprobs_match_direct_computation(rig: Rig, tiny_model: Path) -> None:
     r0.return_logprob, r0.logprob_start_len = True, 0
     first = run(engine, [r0])["lp0"].input_token_logprobs
     assert first is not None and first[0] == (None, p[0]) and len(first) == 10
+    # max_new_tokens 0 (prompt scoring): the same prompt logprobs, nothing generated, KV returned
+    scored = make_req("score", p[:10], max_new_tokens=0)
+    scored.return_logprob, scored.logprob_start_len = True, 0
+    out0 = run(engine, [scored])["score"]
+    assert out0.input_token_logprobs == first and out0.all_ids == [] and out0.completion_tokens == 0
+    assert out0.finish is not None and (out0.finish.type, out0.finish.length) == ("length", 0)
+    # without logprobs there is nothing to compute: it ends at once
+    nothing = run(engine, [make_req("nothing", p[:10], max_new_tokens=0)])["nothing"]
+    assert nothing.all_ids == [] and nothing.input_token_logprobs is None

@@ -100,7 +100,6 @@ async def test_completion_token_prompt_and_default_max_tokens(gw: Harness) -> No
     ("path", "body", "contains"),
     [
         ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs must be between 0 and 20"),
-        ("/v1/completions", {"prompt": "a", "logprobs": 1, "echo": True}, "echo with logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "requires logprobs"),
         (
             "/v1/chat/completions",
@@ -285,6 +284,68 @@ async def test_chat_logprobs_stream_and_top_zero(gw: Harness) -> None:
     assert [(e["token"], e["logprob"], e["top_logprobs"]) for e in entries] == [("Hi", -0.5, []), ("!", -0.1, [])]
 
 
+def with_prompt(o: TextOutput, prompt: list[tuple[float | None, int]], top: list[list[tuple[float, int]]]) -> TextOutput:
+    """`o` as the first output of a request that asked for its prompt's logprobs."""
+    o.input_token_logprobs = prompt
+    o.input_top_logprobs = top
+    o.token_bytes = (o.token_bytes or {}) | {t: TOKEN_BYTES[t] for row in [prompt, *top] for _, t in row}
+    return o
+
+
+async def test_echo_with_logprobs_scores_the_prompt(gw: Harness) -> None:
+    """An eval harness's loglikelihood call: echo + logprobs + max_tokens 0."""
+    body = {"prompt": "Hi!Hi", "logprobs": 1, "echo": True, "max_tokens": 0}
+    task = asyncio.create_task(gw.client.post("/v1/completions", json=body))
+    (req,) = await published(gw, 1)
+    assert req.return_logprob and req.logprob_start_len == 0 and req.sampling.max_new_tokens == 0
+    first = lp_out(req.rid, 0, "", [], None, "length")
+    feed(gw, with_prompt(first, [(None, 1), (-2.0, 3), (-0.5, 1)], [[], [(-1.0, 1)], [(-0.5, 1)]]))
+    choice = (await (await task).json())["choices"][0]
+    assert choice["text"] == "Hi!Hi"
+    assert choice["logprobs"] == {
+        "tokens": ["Hi", "!", "Hi"],
+        "token_logprobs": [None, -2.0, -0.5],
+        "top_logprobs": [None, {"Hi": -1.0}, {"Hi": -0.5}],
+        "text_offset": [0, 2, 3],
+    }
+
+
+async def test_echo_of_a_token_prompt_with_generated_logprobs(gw: Harness) -> None:
+    """A prompt of token ids is echoed from its tokens' bytes; the generated entries follow."""
+    body = {"prompt": [1, 3], "logprobs": 0, "echo": True, "max_tokens": 1}
+    task = asyncio.create_task(gw.client.post("/v1/completions", json=body))
+    (req,) = await published(gw, 1)
+    assert req.input_ids == [1, 3] and req.logprob_start_len == 0
+    first = lp_out(req.rid, 0, "Hi", [(-0.25, 1)], [[]], "length")
+    feed(gw, with_prompt(first, [(None, 1), (-3.0, 3)], [[], []]))
+    choice = (await (await task).json())["choices"][0]
+    assert choice["text"] == "Hi!Hi"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["Hi", "!", "Hi"] and lp["token_logprobs"] == [None, -3.0, -0.25]
+    assert lp["text_offset"] == [0, 2, 3]
+
+
+async def test_echo_without_logprobs_streams_the_prompt_first(gw: Harness) -> None:
+    for prompt, wants_prompt_logprobs in (("Hi", False), ([1, 3], True)):
+        body = {"prompt": prompt, "echo": True, "stream": True, "max_tokens": 2}
+        task = asyncio.create_task(gw.client.post("/v1/completions", json=body))
+        (req,) = [r for r in await published(gw, 1) if r.input_ids == (prompt if isinstance(prompt, list) else None)]
+        gw.bus.sent.clear()
+        # a token-id prompt needs its tokens' bytes to be echoed: the gateway asks for them
+        assert req.return_logprob == wants_prompt_logprobs and req.top_logprobs_num == 0
+        first = out(req.rid, 0, "!", [3])
+        if wants_prompt_logprobs:
+            first = with_prompt(first, [(None, 1), (-3.0, 3)], [])
+        feed(gw, first)
+        resp = await task
+        feed(gw, out(req.rid, 1, "!", [3], "length"))
+        events = await read_sse(resp)
+        chunks = [e["choices"][0] for e in events[:-1]]
+        assert chunks[0]["text"] == ("Hi!" if prompt == "Hi" else "Hi!!")  # the prompt leads the first chunk
+        assert "".join(c["text"] for c in chunks) == chunks[0]["text"] + "!"
+        assert all(c["logprobs"] is None for c in chunks)
+
+
 def test_detokenizer_attaches_token_bytes_for_logprobs(tiny_model: Any) -> None:
     decoder = IncrementalDecoder(tiny_model / "tokenizer.json")
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
@@ -409,3 +470,14 @@ def test_tokenizer_renders_chat_template(tiny_model: Any) -> None:
     assert len(expected) > len(tok.encode("hello there"))  # the template added its markup
     empty = validate(GenerateRequest(rid="c", gateway_id="g", messages=[]), tok)
     assert isinstance(empty, RequestError) and "messages" in empty.message
+
+
+def test_detokenizer_attaches_bytes_of_prompt_tokens_too(tiny_model: Any) -> None:
+    decoder = IncrementalDecoder(tiny_model / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    prompt = tok.encode("the prompt").ids
+    got = detokenize_one(TokenOutput(rid="d", gateway_id="g", seq=0, ids=[], num_new=0, prompt_tokens=len(prompt),
+                                     completion_tokens=0, input_token_logprobs=[(None, prompt[0])] +
+                                     [(-1.0, i) for i in prompt[1:]]), decoder)
+    assert got.token_bytes is not None and set(got.token_bytes) == set(prompt)
+    assert b"".join(got.token_bytes[i] for i in prompt).decode() == tok.decode(prompt)
