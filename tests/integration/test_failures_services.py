@@ -70,10 +70,11 @@ def cluster(tiny_model: Path, nats_url: str, tmp_path_factory: pytest.TempPathFa
 def _burst_with_kill(cluster: Cluster, victim: str, n: int = 16) -> list[Any]:
     prompts = [f"{victim} burst {i}" for i in range(n)]
     expected = {p: generate(cluster.url, text=p, sampling_params=GREEDY) for p in prompts[:4]}
+    # Frozen before the burst, so the queue group hands it work that its death then loses for
+    # sure, however fast the machine gets through the burst.
+    cluster.procs[victim].send_signal(signal.SIGSTOP)
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(stream, cluster.url, 90, text=p, sampling_params=GREEDY) for p in prompts]
-        # frozen first, so the queue group hands it work that its death then loses for sure
-        cluster.procs[victim].send_signal(signal.SIGSTOP)
         time.sleep(0.5)
         cluster.procs[victim].send_signal(signal.SIGKILL)
         results = []
