@@ -9,6 +9,7 @@ restarts the killed rank and it serves again. With `--disable-migration` they en
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration.client import generate, stream
-from tests.integration.failures import loads, service_pids, wait_loads
+from tests.integration.failures import service_pids, wait_loads
 
 FLAGS = ("--dp-size", "3", "--dead-rank-timeout", "1.0", "--heartbeat-interval", "0.1", "--request-timeout", "120")
 # long enough that the kill lands mid-generation however fast the machine is
@@ -25,12 +26,19 @@ GREEDY = {"temperature": 0, "max_new_tokens": 1200, "ignore_eos": True}
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(6)]
 
 
+def _busiest(ls: dict[int, dict[str, Any]]) -> int:
+    return max(ls, key=lambda k: (ls[k]["num_running"], ls[k]["accepted_requests"]))
+
+
 def _kill_busiest_rank(server: Any) -> tuple[int, str]:
-    """SIGKILLs the rank running the most requests once each has generated some tokens."""
-    now = wait_loads(server.url, "every rank running", lambda ls: sum(r["num_running"] for r in ls.values()) >= 3, 60)
+    """SIGKILLs the rank running the most requests once each has generated some tokens, and the
+    dispatcher counts them accepted there (else the dispatcher would treat them as in flight)."""
+    wait_loads(server.url, "every rank running", lambda ls: sum(r["num_running"] for r in ls.values()) >= 3, 60)
     time.sleep(0.2)  # a few steps streamed
-    now = loads(server.url)
-    rank = max(now, key=lambda k: now[k]["num_running"])
+    now = wait_loads(server.url, "the busiest rank's requests accepted",
+                     lambda ls: ls[_busiest(ls)]["accepted_requests"] >= ls[_busiest(ls)]["num_running"] >= 1, 10)
+    rank = _busiest(now)
+    print(f"killing dp_rank {rank}: {now[rank]}")
     (pid,) = service_pids(server.proc.pid, "services.scheduler", dp_rank=str(rank))
     os.kill(pid, signal.SIGKILL)
     return rank, now[rank]["instance_id"]
@@ -83,7 +91,9 @@ def test_disable_migration_ends_them_with_a_clear_error(server_factory: Any) -> 
         rank, _ = _kill_busiest_rank(server)
         results = [f.result(timeout=120) for f in futures]
     failed = [ev[-1] for ev in results if "error" in ev[-1]]
-    assert failed, "the killed rank was running requests"
+    log = server.log()
+    dead = re.findall(r"rank (?:dead|restarted) dp_rank=\d+.*", log)
+    assert failed, f"the killed rank {rank} was running requests; dispatcher: {dead}; log: {log[-3000:]}"
     for event in failed:
         assert f"DP rank {rank} stopped reporting while serving the request" in event["error"]["message"]
         assert event["error"]["code"] == 503 or "503" in str(event["error"])
