@@ -22,7 +22,7 @@ from tests.integration.failures import service_pids, wait_loads
 
 FLAGS = ("--dp-size", "3", "--dead-rank-timeout", "1.0", "--heartbeat-interval", "0.1", "--request-timeout", "120")
 # long enough that the kill lands mid-generation however fast the machine is
-GREEDY = {"temperature": 0, "max_new_tokens": 1200, "ignore_eos": True}
+GREEDY = {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(6)]
 
 
@@ -33,12 +33,13 @@ def _busiest(ls: dict[int, dict[str, Any]]) -> int:
 def _kill_busiest_rank(server: Any) -> tuple[int, str]:
     """SIGKILLs the rank running the most requests once each has generated some tokens, and the
     dispatcher counts them accepted there (else the dispatcher would treat them as in flight)."""
+    t0 = time.monotonic()
     wait_loads(server.url, "every rank running", lambda ls: sum(r["num_running"] for r in ls.values()) >= 3, 60)
     time.sleep(0.2)  # a few steps streamed
     now = wait_loads(server.url, "the busiest rank's requests accepted",
                      lambda ls: ls[_busiest(ls)]["accepted_requests"] >= ls[_busiest(ls)]["num_running"] >= 1, 10)
     rank = _busiest(now)
-    print(f"killing dp_rank {rank}: {now[rank]}")
+    print(f"killing dp_rank {rank} {time.monotonic() - t0:.2f}s after the burst: {now[rank]}")
     (pid,) = service_pids(server.proc.pid, "services.scheduler", dp_rank=str(rank))
     os.kill(pid, signal.SIGKILL)
     return rank, now[rank]["instance_id"]
@@ -86,6 +87,8 @@ def test_killed_rank_requests_migrate_and_rank_rejoins(server_factory: Any) -> N
 @pytest.mark.slow
 def test_disable_migration_ends_them_with_a_clear_error(server_factory: Any) -> None:
     server = server_factory(*FLAGS, "--disable-migration")
+    # all three ranks up first (/health answers after one), so the burst spreads as in production
+    wait_loads(server.url, "three live ranks", lambda ls: sum(r["status"] == "live" for r in ls.values()) == 3, 60)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(stream, server.url, text=p, sampling_params=GREEDY) for p in PROMPTS]
         rank, _ = _kill_busiest_rank(server)
