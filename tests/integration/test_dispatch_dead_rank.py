@@ -107,6 +107,12 @@ def test_registry_assigned_the_free_rank_and_header_routes(cluster: Cluster) -> 
 def test_frozen_rank_is_dead_then_live_again(cluster: Cluster) -> None:
     long = {"temperature": 0, "max_new_tokens": 1500, "ignore_eos": True}
     with ThreadPoolExecutor(16) as pool:
+        # rank 1 holds a 1000-token prompt, so frozen rank 0 (a short prompt and the tokens it
+        # generated before the freeze) still looks the lighter one to the burst, on any machine
+        heavy = pool.submit(post, cluster.url + "/generate", {
+            "input_ids": [5] * 1000, "routed_dp_rank": 1,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 600, "ignore_eos": True}})
+        cluster.wait_for("rank 1 holding the heavy request", lambda ls: ls[1]["holding_tokens"] >= 1000, 30)
         running = pool.submit(post, cluster.url + "/generate",
                               {"text": "a long story", "sampling_params": long, "routed_dp_rank": 0})
         cluster.wait_for("rank 0 running the long request", lambda ls: ls[0]["num_running"] == 1, 30)
@@ -123,6 +129,7 @@ def test_frozen_rank_is_dead_then_live_again(cluster: Cluster) -> None:
         assert all(r["meta_info"]["completion_tokens"] == 4 for r in results)
         status, body = running.result(timeout=30)
         assert status == 503, body
+        assert heavy.result(timeout=60)[0] == 200
         assert "DP rank 0 stopped reporting while serving the request" in body["error"]["message"]
     found = re.search(r"rank dead dp_rank=0 redispatching=(\d+) failing=(\d+)", cluster.log_text())
     assert found is not None
