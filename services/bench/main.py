@@ -9,10 +9,12 @@ import os
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from typing import Any
 
 from tokenizers import Tokenizer
 
+from services.bench.backends import BACKENDS, Backend
 from services.bench.datasets import BenchRequest, random_dataset, shared_prefix_dataset, sharegpt_dataset
 from services.bench.report import format_block, jsonl_record, summarize
 from services.bench.runner import run
@@ -21,7 +23,11 @@ DATASETS = ("random", "generated-shared-prefix", "sharegpt")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="sglang", help="label printed in the result (the server must speak SGLang's /generate)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="sglang",
+                   help="sglang: POST /generate; openai: /v1/completions; openai-chat: /v1/chat/completions")
+    p.add_argument("--model", default="", help="the OpenAI `model` field (default: the first id of GET /v1/models)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
+                   help="sent as `Authorization: Bearer KEY` (default: $OPENAI_API_KEY)")
     p.add_argument("--base-url", default=None, help="server URL (default http://HOST:PORT)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
@@ -46,16 +52,29 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-file", default="", help="append the result as one JSON line (default: none)")
 
 
-def load_tokenizer(path: str, url: str) -> Tokenizer:
+def get_json(url: str, api_key: str) -> Any:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def load_tokenizer(path: str, url: str, api_key: str) -> Tokenizer:
     if not path:
-        with urllib.request.urlopen(url + "/get_model_info", timeout=10) as resp:
-            path = json.loads(resp.read()).get("tokenizer_path", "")
+        path = get_json(url + "/get_model_info", api_key).get("tokenizer_path", "")
         if not path:
             raise SystemExit("the server does not tell its tokenizer path; pass --tokenizer")
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise SystemExit(f"no tokenizer at {file}; pass --tokenizer")
     return Tokenizer.from_file(file)
+
+
+def served_model(url: str, api_key: str) -> str:
+    """The first id of GET /v1/models, or "default" when the server does not say."""
+    try:
+        return str(get_json(url + "/v1/models", api_key)["data"][0]["id"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return "default"
 
 
 def build_dataset(ns: argparse.Namespace, tok: Tokenizer) -> list[BenchRequest]:
@@ -79,22 +98,32 @@ def build_dataset(ns: argparse.Namespace, tok: Tokenizer) -> list[BenchRequest]:
     return sharegpt_dataset(ns.dataset_path, ns.num_prompts, tok, ns.seed, ns.sharegpt_output_len)
 
 
+def make_backend(ns: argparse.Namespace, url: str) -> Backend:
+    cls = BACKENDS[ns.backend]
+    model = ns.model or ("default" if ns.backend == "sglang" else served_model(url, ns.api_key))
+    return cls(model=model, ignore_eos=not ns.disable_ignore_eos)
+
+
 def main(ns: argparse.Namespace) -> int:
     url = (ns.base_url or f"http://{ns.host}:{ns.port}").rstrip("/")
-    tok = load_tokenizer(ns.tokenizer, url)
+    tok = load_tokenizer(ns.tokenizer, url, ns.api_key)
     requests = build_dataset(ns, tok)
-    ignore_eos = not ns.disable_ignore_eos
+    backend = make_backend(ns, url)
+    if backend.needs_text:  # token-id prompts (random, shared-prefix) go as their text
+        requests = [r if r.text is not None else replace(r, text=tok.decode(r.input_ids or [])) for r in requests]
     print(f"#Input tokens: {sum(r.prompt_len for r in requests)}", file=sys.stderr)
     print(f"#Output tokens: {sum(r.output_len for r in requests)}", file=sys.stderr)
     if ns.warmup_requests > 0:
-        warm = [BenchRequest(r.prompt_len, min(r.output_len, 16), r.text, r.input_ids) for r in requests[: ns.warmup_requests]]
-        results, _ = asyncio.run(run(url, warm, float("inf"), None, ignore_eos))
+        warm = [replace(r, output_len=min(r.output_len, 16)) for r in requests[: ns.warmup_requests]]
+        results, _ = asyncio.run(run(url, warm, float("inf"), None, backend, ns.api_key))
         failed = [r.error for r in results if not r.success]
         if failed:
             print(f"warm-up failed: {failed[0]}", file=sys.stderr)
             return 1
     print(f"Starting benchmark: {len(requests)} prompts, request rate {ns.request_rate}", file=sys.stderr)
-    results, duration = asyncio.run(run(url, requests, ns.request_rate, ns.max_concurrency, ignore_eos, ns.seed))
+    results, duration = asyncio.run(
+        run(url, requests, ns.request_rate, ns.max_concurrency, backend, ns.api_key, ns.seed)
+    )
 
     def retokenize(text: str) -> int:
         return len(tok.encode(text, add_special_tokens=False).ids)
