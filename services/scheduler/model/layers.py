@@ -99,6 +99,7 @@ class RotaryEmbedding(Rotary):
         super().__init__()
         self.head_dim = head_dim
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -106,9 +107,12 @@ class RotaryEmbedding(Rotary):
         # q: [T, H, D], k: [T, KVH, D]; angles are computed in float32 from integer positions.
         if self._kernel is not None:
             return self._kernel(positions, q, k, self.inv_freq, is_neox=True)
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = emb.cos(), emb.sin()
+        if self._cached is None or self._cached[0] is not positions:
+            # every layer of a step rotates by the same positions: the angles are computed once
+            freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
+            emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [T, 1, D]
+            self._cached = (positions, emb.cos().to(q.dtype), emb.sin().to(q.dtype))
+        _, cos, sin = self._cached
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -116,7 +120,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
+    return x * cos + rotated * sin
 
 
 def pre_norm_layer(

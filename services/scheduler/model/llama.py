@@ -17,7 +17,7 @@ from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.layers import RMSNorm, RotaryEmbedding, pre_norm_layer
 from services.scheduler.model.moe import MLP
-from services.scheduler.model.parallel import Linears
+from services.scheduler.model.parallel import Linears, fuse_linears
 
 
 def local_kv_heads(config: ModelConfig, attn_tp_size: int) -> int:
@@ -44,6 +44,12 @@ class LlamaAttention(nn.Module):
         self.k_proj = linears.column(hidden, kv_out, bias=bias)
         self.v_proj = linears.column(hidden, kv_out, bias=bias)
         self.o_proj = linears.row(q_out, hidden, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections
+        self._qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+
+    def fuse_projections(self) -> None:
+        """After loading: q, k and v as one GEMM (single-device layers only)."""
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -55,9 +61,13 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         if t == 0:  # an idle batch (DP attention): no rows, and o_proj's collective is skipped
             return torch.zeros_like(x)
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(batch.positions, q, k)
         o = backend.forward(self.layer_id, q, k, v, batch, scale=self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

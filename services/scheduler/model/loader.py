@@ -89,6 +89,9 @@ def load_model(
         if fp32 and name.endswith(fp32):
             param.data = loaded[name]
     _init_buffers(model, device)  # after the cast: rotary frequencies stay float32
+    for m in model.modules():
+        if hasattr(m, "fuse_projections"):
+            m.fuse_projections()  # q/k/v and gate/up as one GEMM each, where layers are plain
     model.eval()
     model.requires_grad_(False)
     return model, config

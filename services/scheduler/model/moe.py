@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.scheduler.model.config import ModelConfig, MoEConfig
-from services.scheduler.model.parallel import Linears
+from services.scheduler.model.parallel import Linears, fuse_linears
 
 
 class MLP(nn.Module):
@@ -33,8 +33,16 @@ class MLP(nn.Module):
         self.gate_proj = lin.column(hidden_size, intermediate_size, bias=False)
         self.up_proj = lin.column(hidden_size, intermediate_size, bias=False)
         self.down_proj = lin.row(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """After loading: gate and up as one GEMM (single-device layers only)."""
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -125,6 +133,7 @@ class DeepseekMoE(nn.Module):
             self.w13 = torch.stack([torch.cat([x.gate_proj.weight, x.up_proj.weight]) for x in experts])
             self.w2 = torch.stack([x.down_proj.weight for x in experts])
             for i, x in enumerate(experts):
+                x.gate_up_proj = None  # the stack replaces the fused copy
                 x.gate_proj.weight.data = self.w13[i, :inter]
                 x.up_proj.weight.data = self.w13[i, inter:]
                 x.down_proj.weight.data = self.w2[i]

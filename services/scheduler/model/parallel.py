@@ -57,3 +57,31 @@ class Linears:
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Linear | None:
+    """One Linear computing `parts` side by side (outputs concatenated), so a step runs one GEMM
+    instead of several; each part's parameters become views of the fused ones (no second copy).
+    None unless every part is a plain single-device nn.Linear (tensor-parallel shards keep their
+    own layers and collectives)."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return None
+    linears: list[nn.Linear] = parts  # type: ignore[assignment]
+    has_bias = linears[0].bias is not None
+    if any((p.bias is not None) != has_bias for p in linears):
+        return None
+    w = linears[0].weight
+    fused = nn.Linear(w.shape[1], sum(p.out_features for p in linears), bias=has_bias, device=w.device, dtype=w.dtype)
+    fused.requires_grad_(False)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in linears]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([p.bias for p in linears]))  # type: ignore[misc]
+        start = 0
+        for p in linears:
+            end = start + p.out_features
+            p.weight.data = fused.weight.data[start:end]
+            if has_bias:
+                p.bias.data = fused.bias.data[start:end]  # type: ignore[union-attr]
+            start = end
+    return fused
