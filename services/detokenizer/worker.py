@@ -17,10 +17,9 @@ from shared.subjects import DETOKENIZER_QUEUE
 
 class DetokenizerService(Service):
     name = "detokenizer"
+    needs_model = True
 
     async def start(self) -> None:
-        if not self.args.model_path:
-            raise ValueError("--model-path is required (the launcher resolves the default tiny model)")
         self.decoder = IncrementalDecoder(os.path.join(self.args.model_path, "tokenizer.json"))
         if not self.decoder.exact:
             self.log.warning("tokenizer decoder is not ByteLevel: streamed text is approximate")

@@ -17,7 +17,8 @@ from services.bench import main as bench_main
 from services.launcher.config_file import load_config_file
 from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
-from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model, ensure_tiny_model
+from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model
+from shared.checkpoint import resolve_model_path
 from shared.config import ServerArgs
 from shared.log import setup_logging
 
@@ -88,8 +89,12 @@ def scheduler_ranks(args: ServerArgs) -> list[dict[str, object]]:
 
 
 def serve_forever(args: ServerArgs) -> int:
-    if not args.model_path:
-        args = dataclasses.replace(args, model_path=str(ensure_tiny_model()))
+    # once, here: the children get the checkpoint dir (the default model / a GGUF converted)
+    try:
+        args = dataclasses.replace(args, model_path=resolve_model_path(args.model_path))
+    except (OSError, ValueError) as e:
+        log.error("cannot load the model: %s", e)
+        return 2
     if args.torch_threads == 0:
         procs = len(scheduler_ranks(args))
         args = dataclasses.replace(args, torch_threads=max(1, (os.cpu_count() or 1) // procs))

@@ -37,7 +37,7 @@ from services.scheduler.engine import Engine, EngineConfig, StepPlan, StepResult
 from services.scheduler.model.attention_backends import install_attention_backend
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.llama import local_kv_heads
-from services.scheduler.model.loader import load_model
+from services.scheduler.model.loader import load_model, serving_dtype
 from services.scheduler.model.mla_pool import kv_bytes_per_token, make_kv_pool
 from services.scheduler.request import Req
 from shared.actor import Service
@@ -107,6 +107,7 @@ def kv_config(config: ModelConfig, attn_tp_size: int) -> ModelConfig:
 
 class SchedulerService(Service):
     name = "scheduler"
+    needs_model = True  # shared.actor.main resolves --model-path (default model, *.gguf)
 
     async def start(self) -> None:
         args = self.args
@@ -165,7 +166,7 @@ class SchedulerService(Service):
         attn_group = new_attn_groups(layout) if layout.distributed else None
         self.linears = build_linears(layout, attn_group)
         self.sync = GroupSync(layout, attn_group, args.device)
-        dtype = getattr(torch, args.dtype)
+        dtype = serving_dtype(args.dtype, ModelConfig.from_hf(args.model_path).torch_dtype, args.device)
         model, config = load_model(args.model_path, dtype=dtype, device=args.device, linears=self.linears)
         attention = install_attention_backend(model, args.attention_backend, args.device)
         self.log.info("attention backend: %s (--attention-backend %s)", attention, args.attention_backend)

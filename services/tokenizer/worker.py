@@ -19,10 +19,9 @@ from shared.subjects import TOKENIZER_QUEUE
 
 class TokenizerService(Service):
     name = "tokenizer"
+    needs_model = True
 
     async def start(self) -> None:
-        if not self.args.model_path:
-            raise ValueError("--model-path is required (the launcher resolves the default tiny model)")
         self.tok = TextTokenizer(self.args.model_path, self.args.context_length)
         self.log.info(
             "loaded tokenizer model=%s vocab=%d context_length=%d add_bos=%s eos=%s",

@@ -1,4 +1,5 @@
-"""`dpserve serve`: default model, URL printed once healthy, every child gone after a signal."""
+"""`dpserve serve`: URL printed once healthy, every child gone after a signal. (The default model:
+tests/integration/test_real_model.py.)"""
 
 from __future__ import annotations
 
@@ -43,16 +44,16 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_default_model_then_stop_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
+def test_serve_then_stop_leaves_no_process(tiny_model: Path, tmp_path: Path, sig: signal.Signals) -> None:
     port = free_port()
     env = os.environ | {"DPSERVE_CACHE_DIR": str(tmp_path / "cache")}
-    argv = [sys.executable, "-m", "services.launcher", "serve", "--port", str(port), "--torch-threads", "1"]
+    argv = [sys.executable, "-m", "services.launcher", "serve", "--model-path", str(tiny_model)]
+    argv += ["--port", str(port), "--torch-threads", "1"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         url = f"http://127.0.0.1:{port}"
         assert url in line, line  # printed only once /health answers
-        assert (tmp_path / "cache" / "tiny-llama" / "config.json").exists()
         out = generate(url, text="hello", sampling_params={"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert len(out["output_ids"]) == 4
         tree = descendants(proc.pid)
