@@ -26,6 +26,9 @@ LOAD_BALANCE_METHODS = (
 # auto: triton on CUDA, torch elsewhere (services.scheduler.model.attention_backends).
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
+# SGLang's --dtype values (services.scheduler.model.loader.serving_dtype resolves auto).
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
 
 @dataclass(frozen=True)
 class ServerArgs:
@@ -63,7 +66,7 @@ class ServerArgs:
     disable_migration: bool = False  # a dead rank's running requests fail instead of migrating
     shutdown_grace_period: float = 10.0  # SIGTERM: seconds running requests may take to finish
     torch_threads: int = 0  # 0: torch's default
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the checkpoint's half type where the device computes it natively, else float32
     device: str = "cpu"
     attention_backend: str = "auto"
     log_level: str = "info"
@@ -105,6 +108,8 @@ class ServerArgs:
                     kwargs["choices"] = LOAD_BALANCE_METHODS
                 if f.name == "attention_backend":
                     kwargs["choices"] = ATTENTION_BACKENDS
+                if f.name == "dtype":
+                    kwargs["choices"] = DTYPES
                 parser.add_argument(flag, **kwargs, help=f"(env {env})")
 
     @classmethod
@@ -143,6 +148,8 @@ class ServerArgs:
             raise ValueError(f"unknown --load-balance-method {self.load_balance_method}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown --attention-backend {self.attention_backend}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype {self.dtype} ({' | '.join(DTYPES)})")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"unknown --schedule-policy {self.schedule_policy} (fcfs | lpm)")
         if self.nats_token and (self.nats_user or self.nats_password):

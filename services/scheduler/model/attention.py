@@ -96,8 +96,7 @@ class TorchAttentionBackend:
         if self._layout is None or self._layout.batch is not batch:
             self._layout = _TorchLayout(batch)
         layout = self._layout
-        num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
-        groups = num_heads // num_kv_heads
+        groups = q.shape[1] // k_cache.shape[1]  # query heads per kv head
         if layout.decode_kv is not None and not layout.extends:
             return self._decode(q, k_cache, v_cache, layout, groups, scale)
         out = torch.empty_like(q)

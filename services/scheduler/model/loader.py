@@ -13,6 +13,35 @@ from services.scheduler.model.parallel import Linears
 from services.scheduler.model.registry import get_model_class
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); without it torch's
+    bf16 GEMMs convert in software and run several times slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def serving_dtype(name: str, checkpoint_dtype: str, device: torch.device | str) -> torch.dtype:
+    """The dtype `--dtype name` serves in. `auto` (SGLang's default) takes the checkpoint's half
+    type where the device computes it natively (CUDA; a CPU with AVX-512 BF16 or AMX) and
+    float32 everywhere else, where half-precision GEMMs are emulated and slower."""
+    named = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "float": torch.float32, "float32": torch.float32}
+    if name != "auto":
+        if name not in named:
+            raise ValueError(f"unknown --dtype {name!r}; choose auto, {', '.join(named)}")
+        return named[name]
+    half = named.get(checkpoint_dtype.removeprefix("torch."), torch.float32)
+    if half == torch.float32:
+        return torch.float32
+    if torch.device(device).type == "cuda":
+        return half
+    return torch.bfloat16 if half == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
