@@ -51,7 +51,7 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(
     tiny: Path, out: Path, qtype: Q = Q.F32, arch: str = "llama", drop_lm_head: bool = False,
-    odd_tensor: tuple[str, Q] | None = None,
+    odd_tensor: tuple[str, Q] | None = None, sentencepiece: bool = False,
 ) -> Path:
     """The tiny checkpoint as a GGUF file: 2-D weights stored as `qtype`, norms as F32."""
     config = json.loads((tiny / "config.json").read_text())
@@ -67,16 +67,19 @@ def write_gguf(
     w.add_rope_freq_base(config["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-    w.add_bos_token_id(config["bos_token_id"])
-    w.add_eos_token_id(config["eos_token_id"])
-    w.add_add_bos_token(True)
+    if sentencepiece:
+        add_sentencepiece_vocab(w, config["vocab_size"])
+    else:
+        vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+        special = {t["content"] for t in tok["added_tokens"] if t["special"]}
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+        w.add_bos_token_id(config["bos_token_id"])
+        w.add_eos_token_id(config["eos_token_id"])
+        w.add_add_bos_token(True)
     w.add_chat_template(tok_config["chat_template"])
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -109,6 +112,27 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def add_sentencepiece_vocab(w: gguf.GGUFWriter, size: int) -> None:
+    """A Llama-2 style vocabulary: <unk> <s> </s>, 256 byte tokens, then pieces with `▁` for spaces
+    learned on the tiny model's corpus, scored by rank; no merges (as llama.cpp writes them)."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    from services.launcher.tiny_model import CORPUS_DIR
+
+    trainer = SentencePieceBPETokenizer(add_prefix_space=True)
+    trainer.train([str(f) for f in sorted(CORPUS_DIR.glob("*.txt"))], vocab_size=size - 259, show_progress=False)
+    pieces = [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    tokens += [f"<pad{i}>" for i in range(size - len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
 
 
 def our_logits(d: Path, ids: list[int]) -> torch.Tensor:
@@ -154,6 +178,22 @@ def test_tokenizer_matches_transformers(tiny: Path, tmp_path: Path) -> None:
     tok_config = json.loads((d / "tokenizer_config.json").read_text())
     assert tok_config["bos_token"] == "<|begin_of_text|>" and tok_config["eos_token"] == "<|end_of_text|>"
     assert tok_config["add_bos_token"] is True and "<|im_start|>" in tok_config["chat_template"]
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tiny: Path, tmp_path: Path) -> None:
+    f = write_gguf(tiny, tmp_path / "sp.gguf", sentencepiece=True)
+    d = convert_gguf(f, tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=f.name)
+    ours = Tokenizer.from_file(str(d / "tokenizer.json"))
+    for text in [*TEXTS, "The quick brown fox jumps over the lazy dog.", "<s>hello</s> world"]:
+        ids = ours.encode(text).ids
+        assert ids == hf.encode(text), (text, ours.encode(text).tokens)
+        assert ids[0] == 1  # Llama's sentencepiece default: BOS first
+        # `▁` is prepended unless the text starts with a space, and decoding strips one: a leading
+        # space is lost (as with transformers' tokenizer)
+        assert ours.decode(ids[1:], skip_special_tokens=False) == (text[1:] if text.startswith(" ") else text)
+        assert ours.decode(ids[1:], skip_special_tokens=False) == hf.decode(ids[1:])
+    assert ours.encode("🤗").tokens[-4:] == ["<0xF0>", "<0x9F>", "<0xA4>", "<0x97>"]  # byte fallback
 
 
 def test_unsupported_quant_type(tiny: Path, tmp_path: Path) -> None:
