@@ -79,7 +79,8 @@ def serve(reference: Reference, tmp_path: Path) -> Iterator[type]:
     started: list[Server] = []
 
     def start(*flags: str) -> Server:
-        server = Server(reference.model_dir, tmp_path / "serve.log", "--max-total-tokens", "8192", *flags)
+        # float32 like the reference (`--dtype auto` would take the checkpoint's bfloat16 on a CPU with native bf16)
+        server = Server(reference.model_dir, tmp_path / "serve.log", "--max-total-tokens", "8192", "--dtype", "float32", *flags)
         started.append(server)
         return server
 
