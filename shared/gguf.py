@@ -3,7 +3,8 @@
 Torch-free (numpy, llama.cpp's `gguf` reader, safetensors.numpy, tokenizers), so the tokenizer and
 detokenizer processes can convert too. The directory holds config.json, generation_config.json,
 model.safetensors (every tensor dequantized to float32: the converted model computes exactly what
-transformers computes from the same file), tokenizer.json and tokenizer_config.json.
+transformers computes from the same file), tokenizer.json and tokenizer_config.json, and for
+Q4_1 / Q8_0 weights their raw blocks (BLOCKS_FILE) for the CPU's small-batch kernels.
 
 Three things llama.cpp's converter changed that we undo:
   - names: `blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight` (NAMES below);
@@ -29,6 +30,12 @@ import numpy as np
 log = logging.getLogger("gguf")
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+
+# Weights in these types also keep their raw GGUF blocks (BLOCKS_FILE: name -> uint8 [rows, row
+# bytes], the type in the metadata): the CPU decode kernels (services/scheduler/cpu) read them
+# instead of float32 where a step has few rows. They decode to exactly the float32 weights.
+BLOCK_TYPES = ("Q4_1", "Q8_0")
+BLOCKS_FILE = "gguf_blocks/blocks.safetensors"  # in a subdirectory: loaders that take every top-level *.safetensors (ours, vLLM) skip it
 
 # GGUF tensor name (after `blk.N.`) -> HF module name (after `model.layers.N.`)
 LAYER_NAMES = {
@@ -102,13 +109,17 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         )
     config = _config(meta, reader, path)
     tokenizer, tokenizer_config = _tokenizer(meta, path)
-    tensors = _tensors(reader, config, path)
+    tensors, blocks = _tensors(reader, config, path)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if blocks:
+        (out / BLOCKS_FILE).parent.mkdir(exist_ok=True)
+        save_file({name: data for name, (_, data) in blocks.items()}, str(out / BLOCKS_FILE),
+                  metadata={name: qtype for name, (qtype, _) in blocks.items()})
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
     _write_json(out / "tokenizer_config.json", tokenizer_config)
@@ -203,13 +214,18 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _tensors(reader: Any, config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+def _tensors(
+    reader: Any, config: dict[str, Any], path: Path
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, np.ndarray]]]:
+    """(every tensor dequantized to float32, the raw blocks [rows, row bytes] of the weights kept
+    in a type the CPU kernels read: name -> (type name, blocks))."""
     from gguf import GGMLQuantizationType
     from gguf.quants import _type_traits, dequantize
 
     supported = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     out: dict[str, np.ndarray] = {}
+    blocks: dict[str, tuple[str, np.ndarray]] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             _check_rope_freqs(t, path)
@@ -225,15 +241,20 @@ def _tensors(reader: Any, config: dict[str, Any], path: Path) -> dict[str, np.nd
             w = np.ascontiguousarray(dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
         except Exception as e:
             raise ValueError(f"{path}: tensor {t.name!r} ({qtype.name}, shape {shape}) is corrupt ({e})") from e
+        raw = t.data if qtype.name in BLOCK_TYPES and len(shape) == 2 and t.data.ndim == 2 else None
         if ".attn_q." in t.name:
             w = _unpermute(w, heads)
+            raw = None if raw is None else _unpermute(raw, heads)
         elif ".attn_k." in t.name:
             w = _unpermute(w, kv_heads)
+            raw = None if raw is None else _unpermute(raw, kv_heads)
         out[name] = np.ascontiguousarray(w)
+        if raw is not None:
+            blocks[name] = (qtype.name, np.ascontiguousarray(raw, dtype=np.uint8))
     missing = {"model.embed_tokens.weight", "model.norm.weight"} - set(out)
     if missing:
         raise ValueError(f"{path}: tensors {sorted(missing)} are missing")
-    return out
+    return out, blocks
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

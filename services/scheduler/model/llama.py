@@ -17,7 +17,7 @@ from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.layers import RMSNorm, RotaryEmbedding, pre_norm_layer
 from services.scheduler.model.moe import MLP
-from services.scheduler.model.parallel import Linears, fuse_linears
+from services.scheduler.model.parallel import Linears, fuse_linears, keep_out_of_state_dict
 
 
 def local_kv_heads(config: ModelConfig, attn_tp_size: int) -> int:
@@ -50,6 +50,7 @@ class LlamaAttention(nn.Module):
     def fuse_projections(self) -> None:
         """After loading: q, k and v as one GEMM (single-device layers only)."""
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        keep_out_of_state_dict(self, "qkv_proj")
 
     def forward(
         self,

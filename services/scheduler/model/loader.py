@@ -9,7 +9,7 @@ from safetensors.torch import safe_open
 from torch import nn
 
 from services.scheduler.model.config import ModelConfig
-from services.scheduler.model.parallel import Linears
+from services.scheduler.model.parallel import Linears, serve_linears_on_cpu
 from services.scheduler.model.registry import get_model_class
 
 
@@ -118,12 +118,36 @@ def load_model(
         if fp32 and name.endswith(fp32):
             param.data = loaded[name]
     _init_buffers(model, device)  # after the cast: rotary frequencies stay float32
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        _attach_gguf_blocks(model, path, config)
     for m in model.modules():
         if hasattr(m, "fuse_projections"):
             m.fuse_projections()  # q/k/v and gate/up as one GEMM each, where layers are plain
+    serve_linears_on_cpu(model)
     model.eval()
     model.requires_grad_(False)
     return model, config
+
+
+def _attach_gguf_blocks(model: nn.Module, path: Path, config: ModelConfig) -> None:
+    """Hands each plain Linear whose weight a converted GGUF checkpoint kept as raw blocks
+    (shared.gguf.BLOCKS_FILE) those blocks, as `gguf_blocks = (type, uint8 tensor)`; the tied
+    LM head takes the embedding's."""
+    from shared.gguf import BLOCKS_FILE
+
+    file = path / BLOCKS_FILE
+    if not file.exists():
+        return
+    modules = dict(model.named_modules())
+    with safe_open(str(file), framework="pt", device="cpu") as sf:
+        types = sf.metadata() or {}
+        for name in sf.keys():
+            owner = name.removesuffix(".weight")
+            if config.tie_word_embeddings and owner == "model.embed_tokens":
+                owner = "lm_head"
+            module = modules.get(owner)
+            if type(module) is nn.Linear and name in types:
+                module.gguf_blocks = (types[name], sf.get_tensor(name))
 
 
 def _init_buffers(model: nn.Module, device: torch.device | str) -> None:

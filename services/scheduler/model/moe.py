@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.scheduler.model.config import ModelConfig, MoEConfig
-from services.scheduler.model.parallel import Linears, fuse_linears
+from services.scheduler.model.parallel import Linears, fuse_linears, keep_out_of_state_dict
 
 
 class MLP(nn.Module):
@@ -38,6 +38,7 @@ class MLP(nn.Module):
     def fuse_projections(self) -> None:
         """After loading: gate and up as one GEMM (single-device layers only)."""
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        keep_out_of_state_dict(self, "gate_up_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
