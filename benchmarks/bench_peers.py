@@ -34,6 +34,7 @@ from pathlib import Path
 from shared.checkpoint import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
+DPSERVE = [sys.executable, "-c", "from services.launcher.cli import main; main()"]
 VLLM_SCRIPT = ROOT.parent / "shared" / "peers" / "vllm-cpu.sh"
 
 
@@ -82,7 +83,7 @@ def bench(url: str, model_dir: str, w: Workload, out: Path) -> Result:
     """One `dpserve bench` run; its JSON line is appended to `out`."""
     before = out.read_text().count("\n") if out.exists() else 0
     cmd = [
-        sys.executable, "-m", "services.launcher.cli", "bench", "--backend", "openai", "--base-url", url,
+        *DPSERVE, "bench", "--backend", "openai", "--base-url", url,
         "--tokenizer", model_dir, "--dataset-name", "random", "--random-input-len", str(w.input_len),
         "--random-output-len", str(w.output_len), "--random-range-ratio", "1.0",
         "--num-prompts", str(w.prompts), "--max-concurrency", str(w.concurrency),
@@ -98,7 +99,7 @@ def bench(url: str, model_dir: str, w: Workload, out: Path) -> Result:
 
 
 def serve_dpserve(model_dir: str, dp: int, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.launcher.cli", "serve", "--model-path", model_dir,
+    cmd = [*DPSERVE, "serve", "--model-path", model_dir,
            "--dp-size", str(dp), "--port", str(port), "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 

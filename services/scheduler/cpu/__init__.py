@@ -32,7 +32,6 @@ _SOURCES = [Path(__file__).with_name(f) for f in ("decode_attention.c", "gguf_ge
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffast-math", "-fPIC", "-shared"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights
-GGUF_MAX_ROWS = 16  # MAX_ROWS of gguf_gemv.c
 
 
 def _cache_dir() -> Path:
@@ -107,14 +106,14 @@ def load_gguf_linear() -> Callable[..., torch.Tensor] | None:
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """x [rows, k] float32 (rows <= GGUF_MAX_ROWS) @ W^T, W [n, k] as GGUF blocks uint8
+    """x [rows, k] float32 @ W^T, W [n, k] as GGUF blocks uint8
     [n, k / 32 * GGUF_BLOCK_BYTES[qtype]] -> [rows, n] float32."""
     assert _lib is not None, "call load_gguf_linear() first"
     rows, k = x.shape
     n = blocks.shape[0]
     if x.dtype != torch.float32 or not x.is_contiguous() or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
         raise ValueError("gguf_linear takes contiguous float32 x and uint8 blocks")
-    if k % 32 or blocks.shape[1] != k // 32 * GGUF_BLOCK_BYTES[qtype] or rows > GGUF_MAX_ROWS:
+    if k % 32 or blocks.shape[1] != k // 32 * GGUF_BLOCK_BYTES[qtype]:
         raise ValueError(f"gguf_linear: x {tuple(x.shape)} does not fit {qtype} blocks {tuple(blocks.shape)}")
     out = torch.empty(rows, n, dtype=torch.float32)
     fn = _lib.gemv_q4_1 if qtype == "Q4_1" else _lib.gemv_q8_0

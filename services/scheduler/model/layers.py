@@ -50,6 +50,8 @@ class RMSNorm(nn.Module):
         return self._norm(x), x
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one kernel, the same math
         # The statistic is taken in float32 whatever the activation dtype.
         dtype = x.dtype
         xf = x.float()
@@ -91,6 +93,10 @@ class Rotary(nn.Module):
 
         self._kernel = rotary_embedding
 
+    @property
+    def uses_torch(self) -> bool:
+        return self._kernel is None
+
 
 class RotaryEmbedding(Rotary):
     """Rotate-half RoPE (the GPT-NeoX / HF Llama layout: pairs are (i, i + head_dim/2))."""
@@ -107,13 +113,18 @@ class RotaryEmbedding(Rotary):
         # q: [T, H, D], k: [T, KVH, D]; angles are computed in float32 from integer positions.
         if self._kernel is not None:
             return self._kernel(positions, q, k, self.inv_freq, is_neox=True)
-        if self._cached is None or self._cached[0] is not positions:
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] rotated by each row's position in torch, any number of heads (q and k
+        may come as one tensor)."""
+        if self._cached is None or self._cached[0] is not positions or self._cached[1].dtype != x.dtype:
             # every layer of a step rotates by the same positions: the angles are computed once
             freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
             emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [T, 1, D]
-            self._cached = (positions, emb.cos().to(q.dtype), emb.sin().to(q.dtype))
+            self._cached = (positions, emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         _, cos, sin = self._cached
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ class LlamaAttention(nn.Module):
         self.v_proj = linears.column(hidden, kv_out, bias=bias)
         self.o_proj = linears.row(q_out, hidden, bias=False)
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections
-        self._qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
 
     def fuse_projections(self) -> None:
         """After loading: q, k and v as one GEMM (single-device layers only)."""
@@ -62,14 +61,21 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         if t == 0:  # an idle batch (DP attention): no rows, and o_proj's collective is skipped
             return torch.zeros_like(x)
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        if self.qkv_proj is not None and rotary.uses_torch:
+            qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            # q and k heads lie side by side: rotated as one tensor, then split
+            qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
+            q, k = rotary.rotate(batch.positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+        elif self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).view(t, -1, self.head_dim).split(
+                [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1
+            )
+            q, k = rotary(batch.positions, q, k)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(batch.positions, q, k)
+            q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            q, k = rotary(batch.positions, q, k)
         o = backend.forward(self.layer_id, q, k, v, batch, scale=self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
