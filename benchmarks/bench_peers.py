@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default="", help="GGUF file or HF dir (default: dpserve's default model)")
     ap.add_argument("--vllm-venv", default="", help="venv made by ../shared/peers/vllm-cpu.sh install DIR")
-    ap.add_argument("--vllm-dtype", default="bfloat16,float32", help="vLLM --dtype values to try; the best counts")
+    ap.add_argument("--vllm-dtype", default="float32", help="vLLM --dtype values, comma-separated (bfloat16 is emulated, and slow, on CPUs without AVX-512 BF16)")
     ap.add_argument("--servers", default="dpserve,vllm,transformers", help="dpserve runs at dp 1 and dp = cores")
     ap.add_argument("--single-prompts", type=int, default=8)
     ap.add_argument("--batch-prompts", type=int, default=64)

@@ -112,7 +112,7 @@ class CpuLinear(nn.Module):
     arithmetic and oneDNN wins.) Keeps the original `weight` and `bias` parameters, so names,
     ties and views are unchanged."""
 
-    GGUF_ROWS = 32
+    GGUF_ROWS = 32  # with one torch thread; divided by the thread count
 
     def __init__(self, linear: nn.Linear, gguf_blocks: tuple[str, torch.Tensor] | None = None) -> None:
         super().__init__()
@@ -131,7 +131,8 @@ class CpuLinear(nn.Module):
         rows = flat.shape[0]
         if rows == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
-        if self.gguf_blocks is not None and rows <= self.GGUF_ROWS:
+        # the C kernel runs on this thread alone: with more torch threads oneDNN wins sooner
+        if self.gguf_blocks is not None and rows <= self.GGUF_ROWS // torch.get_num_threads():
             assert self._gguf is not None
             qtype, blocks = self.gguf_blocks
             out = self._gguf(flat.contiguous(), blocks, qtype)
