@@ -98,10 +98,13 @@ def bench(url: str, model_dir: str, w: Workload, out: Path) -> Result:
     return Result(r["output_throughput"], itl, r["completed"])
 
 
-def serve_dpserve(model_dir: str, dp: int, port: int, log: Path) -> subprocess.Popen[bytes]:
+def serve_dpserve(model_dir: str, dp: int, port: int, log: Path, root: Path = ROOT) -> subprocess.Popen[bytes]:
+    """`dpserve serve` from the checkout at `root` (another commit's, for a before / after)."""
     cmd = [*DPSERVE, "serve", "--model-path", model_dir,
            "--dp-size", str(dp), "--port", str(port), "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = os.environ | {"PYTHONPATH": str(root)}
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def serve_vllm(venv: str, model_dir: str, port: int, log: Path, dtype: str) -> subprocess.Popen[bytes]:
@@ -146,6 +149,9 @@ def main() -> None:
     ap.add_argument("--batch-prompts", type=int, default=64)
     ap.add_argument("--port", type=int, default=31000)
     ap.add_argument("--output", default="", help="JSONL of every bench run (default: a temp file)")
+    ap.add_argument("--baseline-root", default="", help="a checkout of another commit (git worktree): its "
+                    "dpserve is measured too, for a before / after in the same run")
+    ap.add_argument("--baseline-label", default="(baseline)", help="its rows' label")
     args = ap.parse_args()
 
     model_dir = resolve_model_path(args.model_path)
@@ -169,15 +175,21 @@ def main() -> None:
         finally:
             stop(start)
 
+    url = f"http://127.0.0.1:{args.port}"
+    if args.baseline_root:
+        root = Path(args.baseline_root).resolve()
+        for dp in sorted({1, cores}):
+            log = logs / f"baseline-dp{dp}.log"
+            measure(f"dpserve {args.baseline_label} --dp-size {dp}", serve_dpserve(model_dir, dp, args.port, log, root), url)
     if "dpserve" in wanted:
         for dp in sorted({1, cores}):
             log = logs / f"dpserve-dp{dp}.log"
-            measure(f"dpserve --dp-size {dp}", serve_dpserve(model_dir, dp, args.port, log), f"http://127.0.0.1:{args.port}")
+            measure(f"dpserve --dp-size {dp}", serve_dpserve(model_dir, dp, args.port, log), url)
     if "vllm" in wanted and args.vllm_venv:
         for dtype in args.vllm_dtype.split(","):
             log = logs / f"vllm-{dtype}.log"
-            measure(f"vLLM CPU ({dtype})", serve_vllm(args.vllm_venv, model_dir, args.port, log, dtype),
-                    f"http://127.0.0.1:{args.port}", timeout=900)
+            measure(f"vLLM CPU ({dtype})", serve_vllm(args.vllm_venv, model_dir, args.port, log, dtype), url,
+                    timeout=900)
     elif "vllm" in wanted:
         notes.append("vLLM skipped: no --vllm-venv")
     if "transformers" in wanted:
