@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--baseline-root", default="", help="a checkout of another commit (git worktree): its "
                     "dpserve is measured too, for a before / after in the same run")
     ap.add_argument("--baseline-label", default="(baseline)", help="its rows' label")
+    ap.add_argument("--baseline-dp-sizes", default="", help="its --dp-size values (default: 1 and the cores)")
     args = ap.parse_args()
 
     model_dir = resolve_model_path(args.model_path)
@@ -178,7 +179,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     if args.baseline_root:
         root = Path(args.baseline_root).resolve()
-        for dp in sorted({1, cores}):
+        for dp in map(int, (args.baseline_dp_sizes or f"1,{cores}").split(",")):
             log = logs / f"baseline-dp{dp}.log"
             measure(f"dpserve {args.baseline_label} --dp-size {dp}", serve_dpserve(model_dir, dp, args.port, log, root), url)
     if "dpserve" in wanted:
