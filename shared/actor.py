@@ -17,6 +17,7 @@ import uvloop
 from shared.bus import Bus, connect_options
 from shared.config import ServerArgs
 from shared.log import setup_logging
+from shared.messages import RequestError, TextBatch
 from shared.subjects import Subjects
 
 
@@ -26,7 +27,7 @@ class Service:
 
     def __init__(self, args: ServerArgs) -> None:
         self.args = args
-        self.subjects = Subjects(args.ns)
+        self.subjects = Subjects(args.subject_prefix)
         self.log = logging.getLogger(self.name)
         self.stopping = asyncio.Event()
         self.stack = contextlib.AsyncExitStack()
@@ -38,6 +39,11 @@ class Service:
 
     async def stop(self) -> None:
         """Release what `start` took that the exit stack does not hold."""
+
+    async def reply_error(self, gateway_id: str, rid: str, message: str, status: int) -> None:
+        """Ends request `rid` at its gateway with an error (HTTP `status` there)."""
+        error = RequestError(rid=rid, message=message, status=status)
+        await self.bus.publish(self.subjects.out(gateway_id), TextBatch(outputs=[error]))
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -66,7 +72,7 @@ class Service:
             self.bus = connecting.result()
             self.stack.push_async_callback(self.bus.close)
             await self.start()
-            self.log.info("started nats=%s ns=%s", self.args.nats_url, self.args.ns)
+            self.log.info("started nats=%s subject_prefix=%s", self.args.nats_url, self.args.subject_prefix)
             await self.stopping.wait()
             self.log.info("stopping")
             for task in self._tasks:

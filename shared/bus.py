@@ -2,8 +2,8 @@
 
 Every payload is a msgspec Struct in msgpack. A payload that does not decode as the subject's type
 is logged with its subject and dropped; a handler that raises is logged; neither stops the service.
-Drop logging is rate-limited per subscription (a flood of garbage must not flood the log): the first
-`DROP_LOG_FIRST` drops each, then every `DROP_LOG_EVERY`-th with the running total.
+Drop logging is throttled per subscription (a flood of garbage must not flood the log): the first
+20 drops each, then every 1000th with the running count.
 
 `connect_options(args)` turns the `--nats-user/--nats-password/--nats-token/--nats-tls-*` flags
 into nats.connect options; every service connects with them.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared.config import ServerArgs
+from shared.log import Throttle
 from shared.messages import encode
 
 T = TypeVar("T")
@@ -32,9 +32,6 @@ log = logging.getLogger("bus")
 
 Handler = Callable[[T], Awaitable[None]]
 Responder = Callable[[T], Awaitable[msgspec.Struct]]
-
-DROP_LOG_FIRST = 20
-DROP_LOG_EVERY = 1000
 
 
 def connect_options(args: ServerArgs) -> dict[str, Any]:
@@ -57,7 +54,7 @@ class Bus:
         self.nc = nc
         self.name = name
         self.dropped = 0  # messages that failed to decode
-        self.dropped_by_subject: Counter[str] = Counter()  # by subscription (a pattern), so bounded
+        self.drop_log = Throttle(first=20, every=1000)  # keyed by subscription (a pattern), so bounded
 
     @classmethod
     async def connect(cls, url: str, name: str, **options: Any) -> Bus:
@@ -130,12 +127,10 @@ class Bus:
             return decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:  # bad UTF-8 is the last
             self.dropped += 1
-            self.dropped_by_subject[subscription] += 1
-            n = self.dropped_by_subject[subscription]
-            if n <= DROP_LOG_FIRST or n % DROP_LOG_EVERY == 0:
+            if self.drop_log.should_log(subscription):
                 log.warning(
                     "dropped undecodable message subject=%s bytes=%d dropped_total=%d error=%s",
-                    msg.subject, len(msg.data), n, str(e)[:200],
+                    msg.subject, len(msg.data), self.dropped, str(e)[:200],
                 )
             return None
 

@@ -82,7 +82,7 @@ class ServerArgs:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def ns(self) -> str:
+    def subject_prefix(self) -> str:
         return self.nats_subject_prefix
 
     @property
@@ -116,7 +116,7 @@ class ServerArgs:
     def from_namespace(cls, ns: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         args = cls(**{k: v for k, v in vars(ns).items() if k in names})
-        args.check()
+        args.validate()
         return args
 
     @classmethod
@@ -125,7 +125,8 @@ class ServerArgs:
         cls.add_cli_args(parser)
         return cls.from_namespace(parser.parse_args(argv))
 
-    def check(self) -> None:
+    def validate(self) -> None:
+        """Raises ValueError naming the flag for a value no service could run with."""
         if self.dp_size < 1 or self.tp_size < 1:
             raise ValueError("--dp-size and --tp-size must be >= 1")
         if not (self.dp_rank == -1 or 0 <= self.dp_rank < self.dp_size):

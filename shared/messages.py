@@ -32,7 +32,7 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     skip_special_tokens: bool = True
     seed: int | None = None
 
-    def check(self) -> str | None:
+    def problem(self) -> str | None:
         """Returns what is wrong with these parameters, or None."""
         floats = (self.temperature, self.top_p, self.min_p, self.frequency_penalty, self.presence_penalty,
                   self.repetition_penalty)

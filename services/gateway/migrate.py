@@ -153,9 +153,9 @@ class Recovery:
                 if now - stream.last_progress < STALL_S or now - track.last_check < STALL_S or track.busy:
                     continue
                 track.last_check = now
-                self._spawn(self.check(stream))
+                self._spawn(self.check_stalled(stream))
 
-    async def check(self, stream: RequestStream) -> None:
+    async def check_stalled(self, stream: RequestStream) -> None:
         reply = await self.resume(stream, "stall")
         if reply is None or stream.done:
             return

@@ -172,7 +172,7 @@ def sampling_of(body: _Common, max_tokens: int | None, default_max: int) -> Samp
         skip_special_tokens=body.skip_special_tokens,
         seed=body.seed,
     )
-    problem = params.check()
+    problem = params.problem()
     if problem is not None:
         raise OpenAIError(problem.replace("max_new_tokens", "max_tokens"))
     return params

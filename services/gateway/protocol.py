@@ -60,7 +60,7 @@ def parse_generate(body: bytes, gateway_id: str, created: float) -> GenerateRequ
             raise InvalidRequest("`input_ids` must not be empty")
         if any(i < 0 for i in input_ids):
             raise InvalidRequest("`input_ids` must be >= 0")
-    problem = req.sampling_params.check()
+    problem = req.sampling_params.problem()
     if problem is not None:
         raise InvalidRequest(f"invalid sampling_params: {problem}")
     if req.rid is not None and not req.rid:

@@ -139,7 +139,7 @@ def serve_forever(args: ServerArgs) -> int:
                 break
             if stopping:
                 return 0
-            failed = sup.check(restart=False)
+            failed = sup.poll(restart=False)
             if failed is not None:
                 log.error("%s exited during startup (code %s)", failed.name, failed.exited)
                 return 1
@@ -150,7 +150,7 @@ def serve_forever(args: ServerArgs) -> int:
         progress.close()
         print(summary(args, url, server_info(url)), flush=True)
         while not stopping:
-            sup.check(restart=True)
+            sup.poll(restart=True)
             time.sleep(0.2)
         return 0
     finally:

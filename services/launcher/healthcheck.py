@@ -25,7 +25,7 @@ TIMEOUT = 5.0
 
 
 async def bus_check(args: ServerArgs, service: str) -> bool:
-    subjects = Subjects(args.ns)
+    subjects = Subjects(args.subject_prefix)
     nc = await nats.connect(args.nats_url or "nats://127.0.0.1:4222", connect_timeout=2, max_reconnect_attempts=0)
     try:
         if service == "detokenizer":

@@ -60,7 +60,7 @@ def summary(args: ServerArgs, url: str, info: dict[str, Any] | None) -> str:
         f"  model        {args.model_path}",
         f"  ranks        {args.dp_size} DP x {args.tp_size} TP, load balance {args.load_balance_method}, {len(states)} live",
         f"  KV capacity  {kv_text}",
-        f"  bus          {args.nats_url} (subjects {args.ns}.*)",
+        f"  bus          {args.nats_url} (subjects {args.subject_prefix}.*)",
         f"  API          {url}/generate  {url}/v1/chat/completions  {url}/v1/completions  {url}/metrics",
     ]
     return "\n".join(lines)

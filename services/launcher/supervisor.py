@@ -104,7 +104,7 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    def check(self, restart: bool) -> Child | None:
+    def poll(self, restart: bool) -> Child | None:
         """Restarts exited children (or, with restart off, returns the first that exited)."""
         for child in self.children:
             code = child.exited

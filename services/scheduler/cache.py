@@ -124,10 +124,10 @@ class CacheManager:
         self.pool.free(slots)
         return slots.numel()
 
-    def check(self, holders: list[Req]) -> None:
+    def assert_invariants(self, holders: list[Req]) -> None:
         own = sum(r.cached_len - r.tree_len for r in holders)
         total = self.pool.num_free + self.cached_size + own
         assert total == self.pool.size, (self.pool.num_free, self.cached_size, own, self.pool.size)
         assert self.table.num_free + len(holders) == self.table.slots.shape[0]
         if self.tree is not None:
-            self.tree.check()
+            self.tree.assert_invariants()

@@ -104,15 +104,15 @@ class Engine:
     def _holders(self) -> list[Req]:
         return self.decode.running + ([self.prefill.chunked] if self.prefill.chunked else [])
 
-    def check_accounting(self) -> None:
+    def assert_invariants(self) -> None:
         """free + cached + in use == total (any step boundary)."""
-        self.cache.check(self._holders())
+        self.cache.assert_invariants(self._holders())
 
-    def check_idle_accounting(self) -> None:
+    def assert_idle_invariants(self) -> None:
         """With nothing running, every slot is free or cached, and nothing is locked."""
         assert not self.has_work
-        self.cache.check([])
-        self.pool.check()
+        self.cache.assert_invariants([])
+        self.pool.assert_invariants()
         assert self.cache.used_by_requests == 0, self.cache.used_by_requests
 
     def flush_cache(self) -> int:
@@ -121,7 +121,7 @@ class Engine:
     # --- requests in and out --------------------------------------------------------------
 
     def add(self, req: Req) -> None:
-        problem = req.sampling.check()
+        problem = req.sampling.problem()
         capacity = min(self.pool.size, self.cfg.context_length)
         if not req.input_ids:
             problem = "empty prompt"

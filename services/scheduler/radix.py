@@ -175,7 +175,7 @@ class RadixTree:
                 out.append(node)
         return out
 
-    def check(self) -> None:
+    def assert_invariants(self) -> None:
         """Asserts the size bookkeeping (tests, debugging; O(nodes))."""
         nodes = self._nodes()
         locked = sum(len(n.key) for n in nodes if n.lock_ref > 0)

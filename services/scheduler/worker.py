@@ -232,7 +232,7 @@ class SchedulerService(Service):
         vocab = self.engine.cfg.vocab_size
         if any(not 0 <= t < vocab for t in msg.sampling.stop_token_ids):
             return f"stop_token_ids must be in [0, {vocab})", 400
-        problem = msg.sampling.check()
+        problem = msg.sampling.problem()
         if problem is not None:
             return problem, 400
         return None
@@ -350,7 +350,7 @@ class SchedulerService(Service):
         if changed or outputs:
             await self.report()
         if not self.engine.has_work:
-            self.engine.check_idle_accounting()
+            self.engine.assert_idle_invariants()
         if not self.is_leader:
             return  # a follower waits in its next share_inputs
         self.wake.clear()

@@ -16,7 +16,7 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     def reject(message: str) -> RequestError:
         return RequestError(rid=req.rid, message=message, status=400)
 
-    problem = req.sampling.check()
+    problem = req.sampling.problem()
     if problem is not None:
         return reject(problem)
     bad_stop = next((t for t in req.sampling.stop_token_ids if t >= tok.vocab_size), None)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -13,16 +11,11 @@ from services.gateway.app import GatewayState, build_app
 from shared.config import ServerArgs
 from shared.messages import GenerateRequest
 from shared.subjects import Subjects
+from tests.fakes import FakeBus
 
 KEY = "s3cret-key"
 
 
-class FakeBus:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, Any]] = []
-
-    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
-        self.sent.append((subject, msg))
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_pool_holds_one_latent_per_token_per_layer(models: Models) -> None:
         assert a is not None and pool.num_free == 54
         pool.free(a)
         assert pool.num_free == 64
-        pool.check()
+        pool.assert_invariants()
         with pytest.raises(ValueError, match="double free"):
             pool.free(a)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
-import msgspec
 import pytest
 
 from services.dispatcher.worker import DispatcherService
@@ -19,24 +17,7 @@ from shared.messages import (
     TextBatch,
     TokenizedRequest,
 )
-
-
-class FakeBus:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, msgspec.Struct]] = []
-
-    async def subscribe(self, *args: Any, **kw: Any) -> None:
-        return None
-
-    async def serve(self, *args: Any, **kw: Any) -> None:
-        return None
-
-    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
-        self.sent.append((subject, msg))
-
-    def take(self) -> list[tuple[str, msgspec.Struct]]:
-        out, self.sent = self.sent, []
-        return out
+from tests.fakes import FakeBus
 
 
 @pytest.fixture

@@ -66,12 +66,12 @@ def run(engine: Engine, reqs: list[Req], on_step: Any = None) -> dict[str, Token
         for o in outs:
             if o.finish is not None:
                 done[o.rid] = o
-        engine.check_accounting()
+        engine.assert_invariants()
         steps += 1
         if on_step is not None:
             on_step(engine, steps)
         assert steps < 10_000
-    engine.check_idle_accounting()
+    engine.assert_idle_invariants()
     return done
 
 
@@ -163,7 +163,7 @@ def test_abort_everywhere_frees_kv(rig: Rig) -> None:
         assert plan is not None
         engine.update(plan, engine.forward(plan))
     assert engine.abort("x0") is reqs[0]
-    engine.check_accounting()
+    engine.assert_invariants()
     assert engine.abort("x2") is reqs[2] and engine.abort("nope") is None
     plan = engine.schedule()
     assert plan is not None
@@ -174,7 +174,7 @@ def test_abort_everywhere_frees_kv(rig: Rig) -> None:
     assert sorted(o.rid for o in outs) == ["x0", "x1", "x2"]
     assert all(o.finish is not None and o.finish.type == "abort" for o in outs)
     assert engine.kv_used == 0 and not engine.has_work
-    engine.check_idle_accounting()
+    engine.assert_idle_invariants()
 
 
 def test_bad_requests_end_with_clear_errors(rig: Rig) -> None:
@@ -231,10 +231,10 @@ def test_random_workload_accounting(rig: Rig) -> None:
         plan = engine.schedule()
         outs = engine.update(plan, engine.forward(plan)) if plan else engine.drain_finished_early()
         finished |= {o.rid for o in outs if o.finish is not None}
-        engine.check_accounting()
+        engine.assert_invariants()
     finished |= {o.rid for o in engine.drain_finished_early()}
     assert len(finished) == 30
-    engine.check_idle_accounting()
+    engine.assert_idle_invariants()
     torch.testing.assert_close(torch.tensor(engine.kv_used), torch.tensor(0))
 
 

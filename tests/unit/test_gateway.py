@@ -7,7 +7,6 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import msgspec
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -27,17 +26,7 @@ from shared.messages import (
     TextOutput,
 )
 from shared.subjects import Subjects
-
-
-class FakeBus:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, msgspec.Struct]] = []
-
-    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
-        self.sent.append((subject, msg))
-
-    def of(self, kind: type) -> list[Any]:
-        return [m for _, m in self.sent if isinstance(m, kind)]
+from tests.fakes import FakeBus
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 2.0) -> None:
@@ -93,7 +82,7 @@ async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
     async def make(**overrides: Any) -> Harness:
         args = ServerArgs(**({"request_timeout": 5.0} | overrides))
         bus = FakeBus()
-        state = GatewayState(bus, Subjects(args.ns), args, gateway_id="gw1")
+        state = GatewayState(bus, Subjects(args.subject_prefix), args, gateway_id="gw1")
         client = TestClient(TestServer(build_app(state)))
         await client.start_server()
         clients.append(client)
@@ -525,9 +514,9 @@ async def test_a_lost_request_is_submitted_again_at_a_new_epoch(gw: Harness) -> 
         original = await gw.published("lost")
         stream = gw.state.streams.get("lost")
         assert stream is not None and original.first_seq == 0
-        await recovery.check(stream)  # unknown once: not yet
+        await recovery.check_stalled(stream)  # unknown once: not yet
         assert len(gw.bus.of(GenerateRequest)) == 1
-        await recovery.check(stream)  # unknown twice: lost
+        await recovery.check_stalled(stream)  # unknown twice: lost
         again = gw.bus.of(GenerateRequest)[-1]
         assert len(gw.bus.of(GenerateRequest)) == 2 and again.rid == "lost"
         assert again.first_seq >= 1 << EPOCH_BITS and again.first_seq % (1 << EPOCH_BITS) == 0  # a new epoch

@@ -80,4 +80,4 @@ def test_server_flag() -> None:
     with pytest.raises(SystemExit):
         ServerArgs.parse(["--attention-backend", "nope"])
     with pytest.raises(ValueError, match="attention-backend"):
-        ServerArgs(attention_backend="nope").check()
+        ServerArgs(attention_backend="nope").validate()

@@ -25,16 +25,16 @@ def test_alloc_free_accounting() -> None:
     assert a.dtype == torch.long and a.numel() == 5 and b.numel() == 7
     assert len(set(a.tolist()) | set(b.tolist())) == 12  # disjoint
     assert pool.num_free == 4 and pool.num_free + pool.num_used == pool.size
-    pool.check()
+    pool.assert_invariants()
     pool.free(a)
     assert pool.num_free == 9
-    pool.check()
+    pool.assert_invariants()
     c = pool.alloc(9)
     assert c is not None and not set(c.tolist()) & set(b.tolist())
     assert pool.num_free == 0
     pool.free(torch.cat([b, c]))
     assert pool.num_free == 16
-    pool.check()
+    pool.assert_invariants()
 
 
 def test_alloc_zero_and_beyond_capacity() -> None:
@@ -58,12 +58,12 @@ def test_double_free_raises() -> None:
     with pytest.raises(ValueError):
         pool.free(s[1:].repeat(2))  # the same slot twice in one call
     assert pool.num_free == 6  # failed frees change nothing
-    pool.check()
+    pool.assert_invariants()
     with pytest.raises(ValueError):
         pool.free(torch.tensor([100]))
     pool.free(s[1:])
     assert pool.num_free == 8
-    pool.check()
+    pool.assert_invariants()
 
 
 def test_churn_keeps_invariant() -> None:
@@ -78,4 +78,4 @@ def test_churn_keeps_invariant() -> None:
             if s is not None:
                 held.append(s)
         assert pool.num_free + sum(h.numel() for h in held) == pool.size
-    pool.check()
+    pool.assert_invariants()

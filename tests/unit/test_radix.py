@@ -29,7 +29,7 @@ def test_insert_match_split() -> None:
     assert got.tolist() == [10, 11, 22]
     assert t.match([7])[0].numel() == 0
     assert t.match_len([1, 2, 3, 4, 5]) == 4 and t.match_len([1, 3]) == 1
-    t.check()
+    t.assert_invariants()
 
 
 def test_lock_protects_from_eviction_and_lru_order() -> None:
@@ -46,7 +46,7 @@ def test_lock_protects_from_eviction_and_lru_order() -> None:
     assert t.total_size == 3
     t.unlock(held)
     assert t.evict(100).tolist() == [0, 1, 2] and t.total_size == 0
-    t.check()
+    t.assert_invariants()
 
 
 def test_evict_walks_up_to_parents() -> None:
@@ -84,15 +84,15 @@ def test_cache_manager_random_operations_keep_accounting() -> None:
         elif holders:
             r = holders.pop(rng.randrange(len(holders)))
             cache.release(r, keep=rng.random() < 0.7)
-        cache.check(holders)
+        cache.assert_invariants(holders)
         assert pool.num_free + cache.cached_size + sum(r.cached_len - r.tree_len for r in holders) == 64
     for r in holders:
         cache.release(r, keep=True)
-    cache.check([])
+    cache.assert_invariants([])
     assert cache.tree is not None and cache.tree.protected_size == 0
     cache.flush()
     assert pool.num_free == 64
-    pool.check()
+    pool.assert_invariants()
 
 
 def test_match_returns_slots_with_the_cached_kv() -> None:
@@ -111,4 +111,4 @@ def test_match_returns_slots_with_the_cached_kv() -> None:
     assert cache.table.slots[b.row, :3].tolist() == s[:3].tolist()
     assert cache.tree is not None and cache.tree.protected_size == 3
     cache.release(b, keep=False)
-    cache.check([])
+    cache.assert_invariants([])

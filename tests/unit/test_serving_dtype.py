@@ -33,6 +33,6 @@ def test_auto_on_cuda_takes_the_checkpoint_half_type() -> None:
 
 def test_unknown_dtype_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="--dtype"):
-        ServerArgs(dtype="fp8").check()
+        ServerArgs(dtype="fp8").validate()
     with pytest.raises(SystemExit):
         ServerArgs.parse(["--dtype", "fp8"])

@@ -74,7 +74,7 @@ class KVPool:
         self._free[self._num_free : self._num_free + n] = slots.flip(0)
         self._num_free += n
 
-    def check(self) -> None:
+    def assert_invariants(self) -> None:
         """Assert the allocator's invariant (for tests and debugging; O(size))."""
         free = self._free[: self._num_free]
         assert free.unique().numel() == self._num_free, "a slot is on the free list twice"
