@@ -1,4 +1,4 @@
-from services.detokenizer.worker import DetokenizerService
+from services.detokenizer.service import DetokenizerService
 from shared.actor import main
 
 if __name__ == "__main__":

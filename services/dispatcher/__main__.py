@@ -1,4 +1,4 @@
-from services.dispatcher.worker import DispatcherService
+from services.dispatcher.service import DispatcherService
 from shared.actor import main
 
 main(DispatcherService)

@@ -1,4 +1,4 @@
-from services.tokenizer.worker import TokenizerService
+from services.tokenizer.service import TokenizerService
 from shared.actor import main
 
 if __name__ == "__main__":

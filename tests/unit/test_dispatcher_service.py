@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.dispatcher.worker import DispatcherService
+from services.dispatcher.service import DispatcherService
 from shared.config import ServerArgs
 from shared.messages import (
     Abort,
