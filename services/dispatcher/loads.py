@@ -16,9 +16,10 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared.bounded import BoundedDict
 from shared.messages import LoadReport, RankLoad, TokenizedRequest
 
 
@@ -32,35 +33,14 @@ class InFlight:
         return len(self.req.input_ids)
 
 
-MAX_RECENTLY_FINISHED = 8192
-
-
-class RecentlyFinished:
-    """The last MAX_RECENTLY_FINISHED requests that ended on a rank, by rid: if a gateway never got
-    their final output (a detokenizer died with it), they can be run again from what it has."""
-
-    def __init__(self, size: int = MAX_RECENTLY_FINISHED) -> None:
-        self.size = size
-        self._by_rid: OrderedDict[str, tuple[TokenizedRequest, float]] = OrderedDict()
-
-    def add(self, req: TokenizedRequest, at: float) -> None:
-        self._by_rid[req.rid] = (req, at)
-        self._by_rid.move_to_end(req.rid)
-        while len(self._by_rid) > self.size:
-            self._by_rid.popitem(last=False)
-
-    def get(self, rid: str) -> tuple[TokenizedRequest, float] | None:
-        return self._by_rid.get(rid)
-
-    def pop(self, rid: str) -> tuple[TokenizedRequest, float] | None:
-        return self._by_rid.pop(rid, None)
+MAX_RECENTLY_FINISHED = 8192  # rids kept in LoadTable.finished, the oldest forgotten first
 
 
 @dataclass
 class RankState:
     dp_rank: int
     report: LoadReport | None = None
-    received_at: float = 0.0  # monotonic time of the last report's arrival
+    received_at: float = 0.0  # clock() at the last report's arrival
     live: bool = False
     instance_id: str = ""
     in_flight: dict[int, InFlight] = field(default_factory=dict)  # dispatch id -> request
@@ -102,11 +82,17 @@ class Outcome:
 
 
 class LoadTable:
-    def __init__(self, dead_after: float) -> None:
+    """`now` arguments override the clock (a simulation drives its own time); by default every
+    timestamp comes from `clock`."""
+
+    def __init__(self, dead_after: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.dead_after = dead_after
+        self.clock = clock
         self.ranks: dict[int, RankState] = {}
         self._live: list[RankState] | None = None  # cache of live_ranks(); None after a change
-        self.finished = RecentlyFinished()
+        # rid -> (request, when it finished) for the last requests that ended on a rank: if the
+        # gateway never got the final output (a detokenizer died with it), it can run again
+        self.finished: BoundedDict[str, tuple[TokenizedRequest, float]] = BoundedDict(MAX_RECENTLY_FINISHED)
 
     def rank(self, dp_rank: int) -> RankState:
         if dp_rank not in self.ranks:
@@ -136,7 +122,7 @@ class LoadTable:
             rank.in_flight_tokens = sum(f.tokens for f in kept.values())
         rank.instance_id = report.instance_id
         rank.report = report
-        rank.received_at = time.monotonic() if now is None else now
+        rank.received_at = self.clock() if now is None else now
         for dispatch_id in report.accepted:
             item = rank.in_flight.pop(dispatch_id, None)
             if item is None:
@@ -147,7 +133,7 @@ class LoadTable:
         for dispatch_id in report.finished:
             done = rank.accepted.pop(dispatch_id, None)
             if done is not None:
-                self.finished.add(done, rank.received_at)
+                self.finished[done.rid] = (done, rank.received_at)
         out.revived = not rank.live
         if out.revived:
             rank.live = True
@@ -167,14 +153,14 @@ class LoadTable:
 
     def add_in_flight(self, dp_rank: int, req: TokenizedRequest, now: float | None = None) -> None:
         rank = self.rank(dp_rank)
-        item = InFlight(req, time.monotonic() if now is None else now)
+        item = InFlight(req, self.clock() if now is None else now)
         old = rank.in_flight.get(req.dispatch_id)
         rank.in_flight[req.dispatch_id] = item
         rank.in_flight_tokens += item.tokens - (old.tokens if old else 0)
 
     def expire(self, now: float | None = None) -> list[RankState]:
         """Marks ranks without a recent report dead; returns the ones that just died."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         died = []
         for rank in self.ranks.values():
             if rank.live and now - rank.received_at > self.dead_after:
@@ -184,7 +170,7 @@ class LoadTable:
         return died
 
     def rows(self, now: float | None = None) -> list[RankLoad]:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         out = []
         for _, r in sorted(self.ranks.items()):
             rep = r.report

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.bounded import BoundedSet
 from shared.messages import RankAssignment, RankHello
 
 MAX_RETIRED = 4096  # (rank, instance) pairs remembered; the oldest are forgotten first
@@ -41,13 +42,15 @@ class Owner:
 
 
 class RankRegistry:
+    """Time comes in as `now` on every call (the dispatcher passes its clock's reading)."""
+
     def __init__(self, dp_size: int, grace: float, dead_after: float | None = None) -> None:
         self.dp_size = dp_size
         self.grace = grace  # seconds an assignment may stay silent before the rank is free again
         self.dead_after = grace if dead_after is None else dead_after  # silence that frees a reporting owner
         self.owners: dict[int, Owner] = {}
         self.last_owner: dict[int, str] = {}  # dp_rank -> the instance that held it last
-        self.retired: dict[tuple[int, str], None] = {}  # insertion-ordered set, bounded by MAX_RETIRED
+        self.retired: BoundedSet[tuple[int, str]] = BoundedSet(MAX_RETIRED)  # (dp_rank, replaced instance)
 
     def assign(self, hello: RankHello, now: float) -> RankAssignment:
         if not hello.instance_id:
@@ -119,9 +122,7 @@ class RankRegistry:
     def _take(self, rank: int, instance_id: str, now: float) -> None:
         previous = self.last_owner.get(rank)
         if previous is not None and previous != instance_id:
-            self.retired[(rank, previous)] = None
-            while len(self.retired) > MAX_RETIRED:
-                del self.retired[next(iter(self.retired))]
+            self.retired.add((rank, previous))
         self.retired.pop((rank, instance_id), None)
         self.owners[rank] = Owner(instance_id, now)
         self.last_owner[rank] = instance_id
