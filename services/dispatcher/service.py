@@ -3,11 +3,13 @@
 It keeps the load table from the leaders' heartbeats and the requests it sent, and the rank
 registry. While no rank is live, requests wait in a bounded queue and fail with a clear error once
 they waited `PENDING_TIMEOUT` seconds. When a rank dies (or restarts as a new instance), its
-unaccepted requests go to the live ranks, its accepted ones migrate (parked until their gateway
-answers with a Resume carrying the output it holds; `--disable-migration`: a 503 error), and every one of
-them is aborted on that rank alone, so a frozen process that resumes does not serve them twice.
+unaccepted requests go to the live ranks, its accepted ones migrate (migration.py;
+`--disable-migration`: a 503 error), and every one of them is aborted on that rank alone, so a
+frozen process that resumes does not serve them twice.
 A LoadReport reaches the load table only if the rank registry admits it (registry.py): one from an
 instance other than the live holder of its rank is ignored, so a bus client cannot take a rank over.
+Every timestamp comes from `clock` (the load table, the registry, the queue, parked requests), so
+tests drive time with a fake clock.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ import itertools
 import time
 import uuid
 from collections import deque
-
-import msgspec
+from collections.abc import Callable
 
 from services.dispatcher.loads import LoadTable, Outcome, RankState
 from services.dispatcher.metrics import DispatcherMetrics
-from services.dispatcher.policies import PolicyConfig, make_policy
+from services.dispatcher.migration import PARK_TIMEOUT, Migrations
+from services.dispatcher.policies import Policy, PolicyConfig, make_policy
 from services.dispatcher.registry import RankRegistry
 from shared.actor import Service
+from shared.bounded import BoundedDict
+from shared.config import ServerArgs
+from shared.log import Throttle
 from shared.messages import (
     Abort,
     LoadReport,
@@ -32,7 +37,6 @@ from shared.messages import (
     LoadTableReply,
     RankAssignment,
     RankHello,
-    RequestError,
     Resume,
     ResumeReply,
     TextBatch,
@@ -43,66 +47,49 @@ from shared.metrics import publish_snapshots
 PENDING_TIMEOUT = 30.0  # seconds a request may wait for a live rank
 MAX_PENDING = 4096
 REGISTRATION_GRACE = 10.0  # seconds an assigned rank may stay silent before it is free again
-MAX_FENCED = 8192
-MAX_LOGGED_KEYS = 1024  # LogOnce: keys remembered (the oldest forgotten first)
-PARK_TIMEOUT = 30.0  # seconds a migrating request waits for its gateway's Resume
-FINAL_GRACE = 1.0  # seconds after a rank reported a request finished before a Resume may rerun it
-
-
-class LogOnce:
-    """Counts repeated events and says which to log: the first of each key, then every 1000th."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._seen: dict[object, None] = {}  # insertion-ordered set, at most MAX_LOGGED_KEYS
-
-    def should_log(self, key: object) -> bool:
-        self.total += 1
-        if key in self._seen:
-            return self.total % 1000 == 0
-        self._seen[key] = None
-        while len(self._seen) > MAX_LOGGED_KEYS:
-            del self._seen[next(iter(self._seen))]
-        return True
+MAX_FENCED = 8192  # rids remembered in `fenced`, the oldest forgotten first
 
 
 class DispatcherService(Service):
     name = "dispatcher"
 
-    async def start(self) -> None:
-        args = self.args
-        dead_after = max(args.dead_rank_timeout, 3 * args.heartbeat_interval)
-        self.table = LoadTable(dead_after=dead_after)
-        self.registry = RankRegistry(args.dp_size, grace=max(REGISTRATION_GRACE, dead_after), dead_after=dead_after)
+    def __init__(self, args: ServerArgs, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(args)
+        self.clock = clock
+        self.dead_after = max(args.dead_rank_timeout, 3 * args.heartbeat_interval)
+        self.table = LoadTable(self.dead_after, clock)
+        self.registry = RankRegistry(
+            args.dp_size, grace=max(REGISTRATION_GRACE, self.dead_after), dead_after=self.dead_after
+        )
         config = PolicyConfig(
             cache_threshold=args.cache_threshold,
             balance_abs_threshold=args.balance_abs_threshold,
             balance_rel_threshold=args.balance_rel_threshold,
             max_tree_size=args.max_tree_size,
         )
-        self.policy = make_policy(args.load_balance_method, config=config)
+        self.policy: Policy = make_policy(args.load_balance_method, config=config)
+        self.metrics = DispatcherMetrics(args.load_balance_method)
+        self.migrations = Migrations(clock)
         self.dispatch_ids = itertools.count(1)
-        self.pending: deque[tuple[float, TokenizedRequest]] = deque()
-        self.dropped_reports = 0  # LoadReports with nonsense fields (report_problem)
-        self.ignored_reports = LogOnce()  # well-formed LoadReports of an instance that does not hold the rank
-        self.refused_hellos = LogOnce()  # RankHellos answered without a rank (a scheduler asks every second)
-        # rid -> (parked at, request): its rank died while serving it; its gateway was told
-        # (RequestError.migrate) and answers with a Resume carrying the output it already has
-        self.parked: dict[str, tuple[float, TokenizedRequest]] = {}
+        self.pending: deque[tuple[float, TokenizedRequest]] = deque()  # (clock() when queued, request)
         # rid -> (dp_rank, instance) told to drop it (rank-targeted Abort): that instance would drop
         # it again, so a migrated or re-run request goes elsewhere; a restarted instance of the
-        # same rank never saw the abort and may take it (bounded, oldest forgotten first)
-        self.fenced: dict[str, set[tuple[int, str]]] = {}
+        # same rank never saw the abort and may take it
+        self.fenced: BoundedDict[str, set[tuple[int, str]]] = BoundedDict(MAX_FENCED)
+        self.dropped_reports = Throttle(first=20)  # LoadReports with nonsense fields (report_problem)
+        self.ignored_reports = Throttle()  # well-formed LoadReports of an instance that does not hold the rank
+        self.refused_hellos = Throttle()  # RankHellos answered without a rank (a scheduler asks every second)
+
+    async def start(self) -> None:
         await self.bus.subscribe(self.subjects.dispatch, TokenizedRequest, self.on_request)
         await self.bus.subscribe(self.subjects.load_all, LoadReport, self.on_report)
         await self.bus.serve(self.subjects.dispatcher_loads, LoadTableQuery, self.on_query)
         await self.bus.serve(self.subjects.rank_register, RankHello, self.on_hello)
         await self.bus.serve(self.subjects.dispatcher_resume, Resume, self.on_resume)
         self.spawn(self.watch_ranks())
-        self.metrics = DispatcherMetrics(args.load_balance_method)
         collect = self.metrics.collector(self.table.rows, lambda: len(self.pending))
         self.spawn(publish_snapshots(self.bus, self.subjects.metrics, "dispatcher", uuid.uuid4().hex, collect))
-        self.log.info("method=%s dead_after=%.2fs", args.load_balance_method, dead_after)
+        self.log.info("method=%s dead_after=%.2fs", self.args.load_balance_method, self.dead_after)
 
     async def on_request(self, req: TokenizedRequest) -> None:
         req.dispatch_id = next(self.dispatch_ids)
@@ -125,7 +112,7 @@ class DispatcherService(Service):
             if len(self.pending) >= MAX_PENDING:
                 await self.fail(req, "no live scheduler rank and the dispatch queue is full", 503)
             else:
-                self.pending.append((time.monotonic(), req))
+                self.pending.append((self.clock(), req))
             return
         else:
             rank = self.policy.pick(req, live)
@@ -138,12 +125,11 @@ class DispatcherService(Service):
     async def on_report(self, report: LoadReport) -> None:
         problem = report_problem(report, self.args.dp_size)
         if problem is not None:
-            self.dropped_reports += 1
-            if self.dropped_reports <= 20 or self.dropped_reports % 1000 == 0:
+            if self.dropped_reports.should_log():
                 self.log.warning("dropped nonsense load report dp_rank=%s total=%d: %s",
-                                 report.dp_rank, self.dropped_reports, problem)
+                                 report.dp_rank, self.dropped_reports.total, problem)
             return
-        if not self.registry.admit(report.dp_rank, report.instance_id, time.monotonic()):
+        if not self.registry.admit(report.dp_rank, report.instance_id, self.clock()):
             self.note_ignored(report)
             return
         outcome = self.table.on_report(report)
@@ -151,9 +137,9 @@ class DispatcherService(Service):
             await self.apply(report, outcome)
 
     def note_ignored(self, report: LoadReport) -> None:
-        """Logs a report the registry refused: once per (rank, instance), then every 1000th."""
+        """Logs a report the registry refused: the first per (rank, instance), then every 1000th."""
         if self.ignored_reports.should_log((report.dp_rank, report.instance_id)):
-            why = self.registry.refusal(report.dp_rank, report.instance_id, time.monotonic())
+            why = self.registry.refusal(report.dp_rank, report.instance_id, self.clock())
             self.log.warning("ignored load report instance=%s dp_rank=%d total=%d: %s",
                              report.instance_id, report.dp_rank, self.ignored_reports.total, why)
 
@@ -193,7 +179,7 @@ class DispatcherService(Service):
         return LoadTableReply(method=self.args.load_balance_method, ranks=self.table.rows())
 
     async def on_hello(self, hello: RankHello) -> RankAssignment:
-        answer = self.registry.assign(hello, time.monotonic())
+        answer = self.registry.assign(hello, self.clock())
         if answer.dp_rank is None and not self.refused_hellos.should_log((hello.requested_dp_rank, hello.instance_id)):
             return answer
         self.log.info(
@@ -205,10 +191,19 @@ class DispatcherService(Service):
     async def watch_ranks(self) -> None:
         while True:
             await asyncio.sleep(self.args.heartbeat_interval)
-            for rank in self.table.expire():
-                await self.on_rank_dead(rank)
-            await self.expire_pending()
-            await self.expire_parked()
+            await self.expire()
+
+    async def expire(self) -> None:
+        """One watch step: ranks that went silent die; requests that waited too long for a live
+        rank, or for their gateway's Resume, fail."""
+        for rank in self.table.expire():
+            await self.on_rank_dead(rank)
+        now = self.clock()
+        while self.pending and now - self.pending[0][0] > PENDING_TIMEOUT:
+            _, req = self.pending.popleft()
+            await self.fail(req, f"no live scheduler rank for {PENDING_TIMEOUT:.0f}s", 503)
+        for req in self.migrations.expired():
+            await self.fail(req, f"migration of the request timed out after {PARK_TIMEOUT:.0f}s", 503)
 
     async def on_rank_dead(self, rank: RankState) -> None:
         self.registry.release(rank.dp_rank)
@@ -246,72 +241,30 @@ class DispatcherService(Service):
         later, too)."""
         instance_id = self.table.rank(dp_rank).instance_id
         self.fenced.setdefault(rid, set()).add((dp_rank, instance_id))
-        while len(self.fenced) > MAX_FENCED:
-            del self.fenced[next(iter(self.fenced))]
         await self.bus.publish(self.subjects.sched_control, Abort(rid=rid, dp_rank=dp_rank, instance_id=instance_id))
 
     async def park(self, req: TokenizedRequest, message: str) -> None:
         """Migration, step 1: tell the gateway; it answers with a Resume (`on_resume`)."""
-        self.parked[req.rid] = (time.monotonic(), req)
+        notice = self.migrations.park(req, message)
         self.log.warning("migrating rid=%s: %s", req.rid, message)
-        notice = RequestError(rid=req.rid, message=message + "; migrating", status=503, migrate=True)
         await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[notice]))
 
     async def on_resume(self, msg: Resume) -> ResumeReply:
-        """Continues `msg.rid` from the gateway's output, unless it is still running somewhere.
-
-        Re-dispatched: a parked request (its rank died), or one that finished more than
-        FINAL_GRACE s ago whose final output never reached the gateway. The new dispatch carries
-        the gateway's output ids as `resume_output_ids` and `first_seq`, a new seq epoch, so any
-        late output of the earlier run sorts below it and is ignored.
-        """
-        parked = self.parked.pop(msg.rid, None)
-        if parked is not None:
-            req = parked[1]
-        else:
-            where = self.table.locate(msg.rid)
-            if where is not None:
-                return ResumeReply(status="running", dp_rank=where[0].dp_rank)
-            if any(r.rid == msg.rid for _, r in self.pending):
-                return ResumeReply(status="running", message="waiting for a live rank")
-            done = self.table.finished.get(msg.rid)
-            if done is None:
-                return ResumeReply(status="unknown", message="the dispatcher does not know this request")
-            if time.monotonic() - done[1] < FINAL_GRACE:
-                return ResumeReply(status="running", message="just finished")
-            self.table.finished.pop(msg.rid)
-            req = done[0]
-        if req.gateway_id != msg.gateway_id:
-            return ResumeReply(status="unknown", message="the request belongs to another gateway")
-        resumed = msgspec.structs.replace(
-            req,
-            resume_output_ids=list(msg.output_ids),
-            first_seq=msg.first_seq,
-            dispatch_id=next(self.dispatch_ids),
-        )
+        """Dispatches `msg.rid` again from its gateway's output, unless it is still running
+        somewhere (Migrations.resume decides)."""
+        resumed = self.migrations.resume(msg, self.table, (r for _, r in self.pending))
+        if isinstance(resumed, ResumeReply):
+            return resumed
+        resumed.dispatch_id = next(self.dispatch_ids)
         self.log.info(
             "resume rid=%s mode=%s output_ids=%d first_seq=%d", msg.rid, msg.mode, len(msg.output_ids), msg.first_seq
         )
         await self.dispatch(resumed)
         return ResumeReply(status="dispatched")
 
-    async def expire_parked(self) -> None:
-        now = time.monotonic()
-        for rid, (at, req) in list(self.parked.items()):
-            if now - at > PARK_TIMEOUT:
-                del self.parked[rid]
-                await self.fail(req, f"migration of the request timed out after {PARK_TIMEOUT:.0f}s", 503)
-
-    async def expire_pending(self) -> None:
-        now = time.monotonic()
-        while self.pending and now - self.pending[0][0] > PENDING_TIMEOUT:
-            _, req = self.pending.popleft()
-            await self.fail(req, f"no live scheduler rank for {PENDING_TIMEOUT:.0f}s", 503)
-
     async def fail(self, req: TokenizedRequest, message: str, status: int) -> None:
         self.log.warning("reject rid=%s status=%d: %s", req.rid, status, message)
-        error = RequestError(rid=req.rid, message=message, status=status)
-        await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[error]))
+        await self.reply_error(req.gateway_id, req.rid, message, status)
 
 
 def report_problem(r: LoadReport, dp_size: int) -> str | None:

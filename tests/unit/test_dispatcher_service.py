@@ -1,33 +1,45 @@
-"""The dispatcher service over a fake bus: routing overrides, dead ranks, restarts, the registry."""
+"""The dispatcher service over a fake bus and a fake clock: routing overrides, dead ranks,
+restarts, the registry, timeouts, migration. Tests call the handlers and the watch step
+(`expire`) directly; the service is never started, so no background task runs."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-
 import pytest
 
-from services.dispatcher.service import DispatcherService
+from services.dispatcher.migration import FINAL_GRACE, PARK_TIMEOUT
+from services.dispatcher.service import PENDING_TIMEOUT, DispatcherService
 from shared.config import ServerArgs
 from shared.messages import (
     Abort,
     LoadReport,
     LoadTableQuery,
     RankHello,
+    RequestError,
+    Resume,
     TextBatch,
     TokenizedRequest,
 )
 from tests.fakes import FakeBus
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-async def svc() -> AsyncIterator[DispatcherService]:
-    service = DispatcherService(ServerArgs(dp_size=2, load_balance_method="minimum_tokens"))
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def svc(clock: Clock) -> DispatcherService:
+    service = DispatcherService(ServerArgs(dp_size=2, load_balance_method="minimum_tokens"), clock=clock)
     service.bus = FakeBus()  # type: ignore[assignment]
-    await service.start()
-    yield service
-    for task in list(service._tasks):
-        task.cancel()
+    return service
 
 
 def report(dp_rank: int, seq: int, accepted: list[int] | None = None, finished: list[int] | None = None,
@@ -58,7 +70,7 @@ async def test_routed_dp_rank_overrides_the_method(svc: DispatcherService) -> No
     assert errors[0].rid == "r3" and errors[0].status == 400 and "not a live DP rank" in errors[0].message
 
 
-async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: DispatcherService) -> None:
+async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: DispatcherService, clock: Clock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_report(report(0, 1))
     await svc.on_report(report(1, 1, holding=10_000))  # everything goes to rank 0 first
@@ -68,11 +80,9 @@ async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: Dispatch
     await svc.on_report(report(0, 2, accepted=[1, 2]))  # 1 and 2 accepted, 3 and 4 in flight
     await svc.on_report(report(0, 3, finished=[1]))  # 1 done
     bus.take()
-    later = time.monotonic() + 2 * svc.table.dead_after
-    svc.table.rank(1).received_at = later  # rank 1 keeps reporting, rank 0 went silent
-    died = svc.table.expire(now=later + 0.01)
-    assert [r.dp_rank for r in died] == [0]
-    await svc.on_rank_dead(died[0])
+    clock.now += 2 * svc.dead_after
+    await svc.on_report(report(1, 2, holding=10_000))  # rank 1 keeps reporting, rank 0 went silent
+    await svc.expire()
     assert sent_to(bus) == {"r3": 1, "r4": 1}  # re-dispatched to the live rank
     errors = [o for s, m in bus.sent if isinstance(m, TextBatch) for o in m.outputs]
     assert [(e.rid, e.status) for e in errors] == [("r2", 503)]
@@ -89,14 +99,7 @@ async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: Dispatch
     assert [(m.rid, m.dp_rank) for s, m in bus.sent if isinstance(m, Abort)] == [("r3", 0)]
 
 
-def went_silent(svc: DispatcherService, dp_rank: int) -> None:
-    """Backdates `dp_rank`'s last report past the dead-rank timeout, in the registry and the table."""
-    back = 2 * svc.table.dead_after
-    svc.registry.owners[dp_rank].last_seen -= back
-    svc.table.rank(dp_rank).received_at -= back
-
-
-async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: DispatcherService) -> None:
+async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: DispatcherService, clock: Clock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_report(report(0, 1))
     await svc.on_report(report(1, 1, holding=10_000))
@@ -109,7 +112,8 @@ async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: Dispatc
     assert refused.dp_rank is None and "held by live instance i0" in refused.message
     await svc.on_report(report(0, 1, instance="new"))
     assert not bus.sent and svc.table.rank(0).instance_id == "i0"
-    went_silent(svc, 0)  # the old process is gone; the dispatcher has not expired it yet
+    clock.now += 2 * svc.dead_after  # the old process is gone; the dispatcher has not expired it yet
+    await svc.on_report(report(1, 2, holding=10_000))
     confirmed = await svc.on_hello(RankHello(instance_id="new", requested_dp_rank=0))
     assert (confirmed.dp_rank, confirmed.message) == (0, "confirmed")
     await svc.on_report(report(0, 2, instance="new"))
@@ -146,14 +150,17 @@ async def test_forged_report_for_a_live_rank_changes_nothing(svc: DispatcherServ
     assert [(r.dp_rank, r.instance_id, r.status) for r in rows] == [(0, "i0", "live"), (1, "i0", "live")]
 
 
-async def test_dead_rank_goes_to_the_next_hello_and_its_old_instance_is_retired(svc: DispatcherService) -> None:
+async def test_dead_rank_goes_to_the_next_hello_and_its_old_instance_is_retired(
+    svc: DispatcherService, clock: Clock
+) -> None:
     await svc.on_report(report(0, 1, instance="a"))
     await svc.on_report(report(1, 1, instance="b"))
     assert (await svc.on_hello(RankHello(instance_id="c"))).dp_rank is None  # both held
     assert (await svc.on_hello(RankHello(instance_id="c", requested_dp_rank=7))).dp_rank is None
-    went_silent(svc, 1)
-    (died,) = svc.table.expire()
-    await svc.on_rank_dead(died)
+    clock.now += 2 * svc.dead_after
+    await svc.on_report(report(0, 2, instance="a"))  # rank 1 went silent
+    await svc.expire()
+    assert [r.dp_rank for r in svc.table.live_ranks()] == [0]
     assert (await svc.on_hello(RankHello(instance_id="c"))).dp_rank == 1
     await svc.on_report(report(1, 2, instance="b"))  # b was only frozen: too late, c has rank 1
     assert not svc.table.rank(1).live
@@ -193,3 +200,73 @@ async def test_registry_and_load_table_replies(svc: DispatcherService) -> None:
     row = reply.ranks[0]
     assert (row.dp_rank, row.status, row.holding_tokens, row.in_flight_requests, row.in_flight_tokens) == (
         0, "live", 7, 1, 5)
+
+
+def errors_in(bus: FakeBus) -> list[RequestError]:
+    return [o for m in bus.of(TextBatch) for o in m.outputs if isinstance(o, RequestError)]
+
+
+async def test_pending_request_fails_once_it_waited_too_long(svc: DispatcherService, clock: Clock) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await svc.on_request(request(1))
+    clock.now += PENDING_TIMEOUT - 1
+    await svc.expire()
+    assert not bus.sent and len(svc.pending) == 1
+    clock.now += 2
+    await svc.expire()
+    assert [(e.rid, e.status) for e in errors_in(bus)] == [("r1", 503)]
+    assert not svc.pending
+
+
+async def dead_while_serving(svc: DispatcherService, clock: Clock) -> None:
+    """r1 accepted by rank 0, which then goes silent; rank 1 (heavier) keeps reporting."""
+    await svc.on_report(report(0, 1))
+    await svc.on_report(report(1, 1, holding=10_000))
+    await svc.on_request(request(1))
+    await svc.on_report(report(0, 2, accepted=[1]))
+    clock.now += 2 * svc.dead_after
+    await svc.on_report(report(1, 2, holding=10_000))
+    await svc.expire()
+
+
+async def test_resume_after_migration_dispatches_with_the_gateway_output(svc: DispatcherService,
+                                                                         clock: Clock) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await dead_while_serving(svc, clock)
+    (notice,) = errors_in(bus)
+    assert (notice.rid, notice.status, notice.migrate) == ("r1", 503, True)
+    bus.take()
+    stranger = await svc.on_resume(Resume(rid="r9", gateway_id="g", output_ids=[], first_seq=0))
+    assert stranger.status == "unknown"
+    reply = await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[7, 8], first_seq=3, mode="migrate"))
+    assert reply.status == "dispatched"
+    (resumed,) = bus.of(TokenizedRequest)
+    assert sent_to(bus) == {"r1": 1}
+    assert (resumed.resume_output_ids, resumed.first_seq, resumed.dispatch_id) == ([7, 8], 3, 2)
+    again = await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[7, 8], first_seq=3))
+    assert (again.status, again.dp_rank) == ("running", 1)
+
+
+async def test_parked_request_fails_when_its_gateway_never_resumes(svc: DispatcherService, clock: Clock) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await dead_while_serving(svc, clock)
+    bus.take()
+    clock.now += PARK_TIMEOUT + 1
+    await svc.on_report(report(1, 3, holding=10_000))
+    await svc.expire()
+    ((rid, status, message),) = [(e.rid, e.status, e.message) for e in errors_in(bus)]
+    assert (rid, status) == ("r1", 503) and "migration of the request timed out" in message
+    assert (await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[], first_seq=0))).status == "unknown"
+
+
+async def test_finished_request_reruns_only_after_the_final_grace(svc: DispatcherService, clock: Clock) -> None:
+    bus: FakeBus = svc.bus  # type: ignore[assignment]
+    await svc.on_report(report(0, 1))
+    await svc.on_request(request(1))
+    await svc.on_report(report(0, 2, accepted=[1], finished=[1]))
+    bus.take()
+    early = await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[5], first_seq=1))
+    assert (early.status, early.message) == ("running", "just finished")
+    clock.now += FINAL_GRACE + 0.1  # its final output never reached the gateway: run it again
+    late = await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[5], first_seq=1))
+    assert late.status == "dispatched" and sent_to(bus) == {"r1": 0}
