@@ -11,6 +11,7 @@ import os
 from services.detokenizer.batch import detokenize_batch
 from services.detokenizer.incremental import IncrementalDecoder
 from shared.actor import Service
+from shared.config import ServerArgs
 from shared.messages import TokenBatch
 from shared.subjects import DETOKENIZER_QUEUE
 
@@ -19,8 +20,11 @@ class DetokenizerService(Service):
     name = "detokenizer"
     needs_model = True
 
+    def __init__(self, args: ServerArgs) -> None:
+        super().__init__(args)
+        self.decoder = IncrementalDecoder(os.path.join(args.model_path, "tokenizer.json"))
+
     async def start(self) -> None:
-        self.decoder = IncrementalDecoder(os.path.join(self.args.model_path, "tokenizer.json"))
         if not self.decoder.exact:
             self.log.warning("tokenizer decoder is not ByteLevel: streamed text is approximate")
         await self.bus.subscribe(self.subjects.detok, TokenBatch, self.on_batch, queue=DETOKENIZER_QUEUE)

@@ -1,7 +1,7 @@
 """The tokenizer service: GenerateRequest (queue group) -> TokenizedRequest to the dispatcher.
 
 Stateless; any number of instances share TOKENIZER_QUEUE. A rejected request is answered
-directly to its gateway as a TextBatch holding one RequestError.
+directly to its gateway with a RequestError (`Service.reply_error`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections import Counter
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.validate import validate
 from shared.actor import Service
-from shared.messages import GenerateRequest, RequestError, TextBatch, TokenizedRequest
+from shared.config import ServerArgs
+from shared.messages import GenerateRequest, RequestError, TokenizedRequest
 from shared.metrics import Sample, publish_snapshots
 from shared.subjects import TOKENIZER_QUEUE
 
@@ -21,8 +22,12 @@ class TokenizerService(Service):
     name = "tokenizer"
     needs_model = True
 
+    def __init__(self, args: ServerArgs) -> None:
+        super().__init__(args)
+        self.tok = TextTokenizer(args.model_path, args.context_length)
+        self.results: Counter[str] = Counter()  # ok / rejected / failed -> requests
+
     async def start(self) -> None:
-        self.tok = TextTokenizer(self.args.model_path, self.args.context_length)
         self.log.info(
             "loaded tokenizer model=%s vocab=%d context_length=%d add_bos=%s eos=%s",
             self.args.model_path,
@@ -34,7 +39,6 @@ class TokenizerService(Service):
         await self.bus.subscribe(
             self.subjects.tokenize, GenerateRequest, self.on_request, queue=TOKENIZER_QUEUE
         )
-        self.results: Counter[str] = Counter()  # ok / rejected / failed -> requests
         self.spawn(publish_snapshots(self.bus, self.subjects.metrics, "tokenizer", uuid.uuid4().hex, self.samples))
 
     def samples(self) -> list[Sample]:
@@ -52,6 +56,6 @@ class TokenizerService(Service):
                 self.log.info("rejected rid=%s gateway=%s reason=%r", req.rid, req.gateway_id, result.message)
             self.results["ok" if isinstance(result, TokenizedRequest) else "rejected"] += 1
         if isinstance(result, RequestError):
-            await self.bus.publish(self.subjects.out(req.gateway_id), TextBatch(outputs=[result]))
+            await self.reply_error(req.gateway_id, result.rid, result.message, result.status)
             return
         await self.bus.publish(self.subjects.dispatch, result)
