@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from services.scheduler.radix import Node
 from shared.messages import FinishReason, SamplingParams, TokenizedRequest
 
 
@@ -33,7 +33,7 @@ class Req:
     output_ids: list[int] = field(default_factory=list)
     cached_len: int = 0
     tree_len: int = 0
-    node: Any = None  # radix node locked for [0, tree_len), or None
+    node: Node | None = None  # radix node locked for [0, tree_len), or None
     extend_now: int = 0  # tokens this step feeds
     row: int = -1  # row in the req-to-token table while it holds KV
     seq: int = 0  # next TokenOutput sequence number
