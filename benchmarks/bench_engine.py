@@ -1,9 +1,9 @@
 """Engine efficiency: served decode throughput / the raw model-forward loop's, same batch sizes.
 
 The raw loop prefills B prompts and then calls the model on hand-built decode batches (argmax,
-no scheduler); the engine serves the same B requests (greedy, ignore_eos) through
-schedule -> forward -> update. Decode tokens/s are measured over the steps where all B requests
-decode. Goal: ratio >= 0.85.
+no scheduler); the engine serves the same B requests (greedy, ignore_eos) through Engine.step
+(schedule -> forward -> update). Decode tokens/s are measured over the steps where all B
+requests decode. Goal: ratio >= 0.85.
 
     .venv/bin/python -m benchmarks.bench_engine [--model DIR | --size big] [--batch-sizes 1,8,32,64]
 """
@@ -50,13 +50,11 @@ def load(d: Path) -> tuple[torch.nn.Module, Any, Tokenizer]:
 
 
 def make_engine(model: torch.nn.Module, config: Any, tok: Tokenizer, pool: int, **kw: Any) -> Engine:
-    cfg = EngineConfig(
-        max_total_tokens=pool,
+    cfg = EngineConfig.from_model(
+        config,
+        pool,
         max_running_requests=kw.pop("max_running_requests", 128),
         prefill_budget=kw.pop("prefill_budget", 16384),
-        context_length=config.max_position_embeddings,
-        eos_token_ids=tuple(config.eos_token_ids),
-        vocab_size=config.vocab_size,
         **kw,
     )
     kv = KVPool(config.num_hidden_layers, pool, config.num_key_value_heads, config.head_dim)
@@ -100,13 +98,11 @@ def served(engine: Engine, prompts: list[list[int]], steps: int) -> float:
     tokens, elapsed = 0, 0.0
     while engine.has_work:
         t0 = time.perf_counter()
-        plan = engine.schedule()
-        assert plan is not None
-        decoding = all(r.extend_now == 1 for r in plan.reqs) and len(plan.reqs) == len(prompts)
-        engine.update(plan, engine.forward(plan))
-        if decoding:
+        step = engine.step()
+        assert step.reqs
+        if step.decode_only and len(step.reqs) == len(prompts):
             elapsed += time.perf_counter() - t0
-            tokens += len(plan.reqs)
+            tokens += len(step.reqs)
     engine.drain_finished_early()
     return tokens / elapsed
 

@@ -30,12 +30,9 @@ def run(engine, reqs: list[Req], wave: int) -> tuple[float, float, float]:  # ty
             engine.add(r)
             added[r.rid] = time.perf_counter()
         pending = pending[wave:]
-        plan = engine.schedule()
-        if plan is None:
-            continue
-        engine.update(plan, engine.forward(plan))
+        step = engine.step()
         now = time.perf_counter()
-        for r in plan.reqs:
+        for r in step.reqs:
             if r.output_ids and r.rid not in ttft:
                 ttft[r.rid] = now - added[r.rid]
     total = time.perf_counter() - t_start

@@ -41,9 +41,7 @@ def main() -> None:
     for i, (p, n) in enumerate(cases):
         engine.add(Req(f"r{i}", "g", p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)))
     while engine.has_work:
-        plan = engine.schedule()
-        assert plan is not None
-        engine.update(plan, engine.forward(plan))
+        assert engine.step().reqs
     ours = useful / (time.perf_counter() - t0)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

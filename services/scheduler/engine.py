@@ -20,6 +20,7 @@ from services.scheduler.cache import CacheManager
 from services.scheduler.decode import DecodeManager
 from services.scheduler.logprobs import Pair, input_positions, token_logprob, top_logprobs
 from services.scheduler.model.batch import ForwardBatch
+from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.kv_pool import KVPool
 from services.scheduler.prefill import PrefillConfig, PrefillManager
 from services.scheduler.request import Req
@@ -30,7 +31,7 @@ from shared.messages import DETOK_CONTEXT, FinishReason, TokenOutput
 log = logging.getLogger("scheduler.engine")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     max_total_tokens: int
     max_running_requests: int
@@ -41,6 +42,33 @@ class EngineConfig:
     chunked_prefill_size: int = 8192  # <= 0: off
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
+
+    @classmethod
+    def from_model(
+        cls,
+        model: ModelConfig,
+        max_total_tokens: int,
+        *,
+        max_running_requests: int,
+        prefill_budget: int,
+        context_length: int = 0,
+        chunked_prefill_size: int = 8192,
+        schedule_policy: str = "fcfs",
+        disable_radix_cache: bool = False,
+    ) -> EngineConfig:
+        """The serving limits over the model's own (its EOS ids and vocabulary; its
+        max_position_embeddings unless `context_length` > 0)."""
+        return cls(
+            max_total_tokens=max_total_tokens,
+            max_running_requests=max_running_requests,
+            prefill_budget=prefill_budget,
+            context_length=context_length or model.max_position_embeddings,
+            eos_token_ids=tuple(model.eos_token_ids),
+            vocab_size=model.vocab_size,
+            chunked_prefill_size=chunked_prefill_size,
+            schedule_policy=schedule_policy,
+            disable_radix_cache=disable_radix_cache,
+        )
 
 
 @dataclass
@@ -56,6 +84,20 @@ class StepResult:
     sampled: Sampled  # rows of the requests that emit, in plan order
     input_lp: list[list[Pair]]  # per plan row
     input_top: list[list[list[Pair]]]
+
+
+@dataclass
+class StepOutcome:
+    """What one step did, for the loop that drives the engine."""
+
+    outputs: list[TokenOutput]  # requests that ended outside the step first, then the step's
+    reqs: list[Req]  # the batch that ran, in row order ([]: none ran)
+    num_tokens: int  # tokens it fed
+
+    @property
+    def decode_only(self) -> bool:
+        """Every row fed one token (a decode step)."""
+        return 0 < len(self.reqs) == self.num_tokens
 
 
 class Engine:
@@ -161,6 +203,15 @@ class Engine:
 
     # --- one step ---------------------------------------------------------------------------
 
+    def step(self) -> StepOutcome:
+        """schedule -> forward -> update, the forward on this thread. The service makes the same
+        three calls with the forward on its forward thread (DP attention's collectives around it)."""
+        plan = self.schedule()
+        outputs = self.update(plan, self.forward(plan) if plan is not None else None)
+        if plan is None:
+            return StepOutcome(outputs, [], 0)
+        return StepOutcome(outputs, plan.reqs, plan.batch.num_tokens)
+
     def schedule(self) -> StepPlan | None:
         chunked = [self.prefill.chunked] if self.prefill.chunked else []
         retracted = self.decode.retract_for_step(chunked)
@@ -249,8 +300,13 @@ class Engine:
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
         return model.lm_head(inner.norm(picked)).float()
 
-    def update(self, plan: StepPlan, result: StepResult) -> list[TokenOutput]:
+    def update(self, plan: StepPlan | None, result: StepResult | None) -> list[TokenOutput]:
+        """The step's outputs: requests that ended outside it first, then what its forward sampled
+        (plan None: no batch of this engine ran, only those)."""
         outputs = self.drain_finished_early()
+        if plan is None:
+            return outputs
+        assert result is not None, "a scheduled batch needs its forward's result"
         tokens = iter(zip(result.sampled.tokens, result.sampled.logprobs, result.sampled.top, strict=True))
         for req, in_lp, in_top in zip(plan.reqs, result.input_lp, result.input_top, strict=True):
             emits = req.emits_now

@@ -23,16 +23,12 @@ class Rig:
         self.model, self.config = load_model(model_dir)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
-    def engine(self, pool: int = 4096, **kw: Any) -> Engine:
+    def engine(
+        self, pool: int = 4096, max_running_requests: int = 16, prefill_budget: int = 16384, **kw: Any
+    ) -> Engine:
         c = self.config
-        cfg = EngineConfig(
-            max_total_tokens=pool,
-            max_running_requests=kw.pop("max_running_requests", 16),
-            prefill_budget=kw.pop("prefill_budget", 16384),
-            context_length=c.max_position_embeddings,
-            eos_token_ids=tuple(c.eos_token_ids),
-            vocab_size=c.vocab_size,
-            **kw,
+        cfg = EngineConfig.from_model(
+            c, pool, max_running_requests=max_running_requests, prefill_budget=prefill_budget, **kw
         )
         kv = KVPool(c.num_hidden_layers, pool, c.num_key_value_heads, c.head_dim)
         return Engine(self.model, kv, self.tokenizer, cfg)
@@ -58,12 +54,7 @@ def run(engine: Engine, reqs: list[Req], on_step: Any = None) -> dict[str, Token
     done: dict[str, TokenOutput] = {}
     steps = 0
     while engine.has_work or engine.finished_early:
-        plan = engine.schedule()
-        if plan is None:
-            outs = engine.drain_finished_early()
-        else:
-            outs = engine.update(plan, engine.forward(plan))
-        for o in outs:
+        for o in engine.step().outputs:
             if o.finish is not None:
                 done[o.rid] = o
         engine.assert_invariants()
@@ -153,21 +144,17 @@ def test_abort_everywhere_frees_kv(rig: Rig) -> None:
     reqs = [make_req(f"x{i}", p, max_new_tokens=50) for i, p in enumerate(long)]
     for r in reqs:
         engine.add(r)
-    plan = engine.schedule()
-    assert plan is not None
-    engine.update(plan, engine.forward(plan))
+    assert engine.step().reqs
     assert engine.prefill.chunked is reqs[0] and engine.kv_used > 0  # mid-prompt
     # run x0 into decode, then abort it while running; x1 mid-prefill; x2 waiting
     while not engine.running:
-        plan = engine.schedule()
-        assert plan is not None
-        engine.update(plan, engine.forward(plan))
+        assert engine.step().reqs
     assert engine.abort("x0") is reqs[0]
     engine.assert_invariants()
     assert engine.abort("x2") is reqs[2] and engine.abort("nope") is None
-    plan = engine.schedule()
-    assert plan is not None
-    outs = engine.update(plan, engine.forward(plan))  # reports the aborts so far
+    step = engine.step()
+    assert step.reqs
+    outs = step.outputs  # reports the aborts so far
     assert engine.prefill.chunked is reqs[1]
     assert engine.abort("x1") is reqs[1]
     outs += engine.drain_finished_early()
@@ -228,9 +215,7 @@ def test_random_workload_accounting(rig: Rig) -> None:
         if rng.random() < 0.05 and (engine.running or engine.waiting):
             victim = rng.choice(engine.running + engine.waiting)
             engine.abort(victim.rid)
-        plan = engine.schedule()
-        outs = engine.update(plan, engine.forward(plan)) if plan else engine.drain_finished_early()
-        finished |= {o.rid for o in outs if o.finish is not None}
+        finished |= {o.rid for o in engine.step().outputs if o.finish is not None}
         engine.assert_invariants()
     finished |= {o.rid for o in engine.drain_finished_early()}
     assert len(finished) == 30

@@ -37,8 +37,7 @@ def test_resumed_request_continues_with_the_same_greedy_output(rig: Rig, cut: in
     req = Req.from_msg(_msg("b", full[:cut], first_seq=3 << 32))
     engine.add(req)
     while engine.has_work or engine.finished_early:
-        plan = engine.schedule()
-        outs += engine.drain_finished_early() if plan is None else engine.update(plan, engine.forward(plan))
+        outs += engine.step().outputs
     engine.assert_idle_invariants()
     assert outs[-1].all_ids == full  # the final output carries every id, resumed ones included
     new = [t for o in outs for t in o.ids[len(o.ids) - o.num_new :]]
