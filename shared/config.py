@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 LOAD_BALANCE_METHODS = (
     "round_robin",
@@ -29,56 +31,119 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 # SGLang's --dtype values (services.scheduler.model.loader.serving_dtype resolves auto).
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+
+# `--help` sections, in order: title -> what the section covers.
+GROUPS = {
+    "model": "what is served, where (HTTP host and port) and how it computes",
+    "parallelism": "SGLang's DP/TP layout; `serve` sets the per-rank flags for its children",
+    "scheduling": "each rank's batch, KV cache and queue limits",
+    "load balancing": "how the dispatcher picks a DP rank for a request",
+    "bus": "the NATS connection every service shares",
+    "security": "API key, NATS credentials and TLS; `serve` hands secrets to children as env vars, never argv",
+    "reliability": "timeouts, liveness and recovery",
+}
+
+
+def arg(default: T, help: str, group: str, choices: tuple[str, ...] | None = None, secret: bool = False) -> T:
+    """A ServerArgs field: its default, its one-line `--help` text (what it does, in which unit) and
+    its `--help` section. A secret's value never shows in `--help` nor in a child's argv."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}")
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "secret": secret})
+
 
 @dataclass(frozen=True)
 class ServerArgs:
-    model_path: str = ""  # empty: the tiny model dpserve creates in its cache dir
-    served_model_name: str = ""
-    host: str = "127.0.0.1"
-    port: int = 30000
-    nats_url: str = ""  # empty for `serve`: start an embedded nats-server
-    nats_subject_prefix: str = "dpserve"
-    dp_size: int = 1
-    tp_size: int = 1
-    dp_rank: int = -1  # scheduler only: which DP rank this process serves; -1: ask the rank registry
-    enable_dp_attention: bool = False  # tp_size ranks in one world, dp_size attention groups (SGLang's)
-    tp_rank: int = 0  # scheduler only: rank in its torch.distributed world (the launcher sets it)
-    dist_init_addr: str = ""  # scheduler only: host:port of the world's TCP store (the launcher sets it)
-    dist_timeout: float = 30.0  # seconds a torch.distributed collective may wait for a peer before the rank exits
-    load_balance_method: str = "minimum_tokens"
-    cache_threshold: float = 0.5  # cache_aware: route by prefix when the best match ratio exceeds this
-    balance_abs_threshold: int = 32  # cache_aware: imbalanced when max - min load (requests) exceeds this
-    balance_rel_threshold: float = 1.0001  # ... and max load exceeds min load times this
-    max_tree_size: int = 1 << 22  # cache_aware: tokens kept per rank's approximate prefix tree (LRU)
-    max_running_requests: int = 64
-    max_total_tokens: int = 0  # 0: derived from the model's context length
-    mem_fraction_static: float = 0.0  # >0 and no --max-total-tokens: KV pool = this share of free memory
-    kv_cache_bytes: int = 0  # >0 and no --max-total-tokens: each rank's KV pool budget in bytes
-    chunked_prefill_size: int = 8192  # -1 or 0: off (a prompt is prefilled in one step)
-    max_prefill_tokens: int = 16384  # prompt tokens one step may feed
-    schedule_policy: str = "fcfs"  # fcfs | lpm (longest prefix match first)
-    disable_radix_cache: bool = False
-    context_length: int = 0  # 0: the model's max_position_embeddings
-    max_queued_requests: int = 1024  # gateway: requests in progress before it answers 503
-    request_timeout: float = 600.0  # seconds before the gateway ends a request with an error
-    heartbeat_interval: float = 0.1  # seconds between load reports when nothing changes
-    dead_rank_timeout: float = 1.0  # seconds without a load report before a rank is dead
-    disable_migration: bool = False  # a dead rank's running requests fail instead of migrating
-    shutdown_grace_period: float = 10.0  # SIGTERM: seconds running requests may take to finish
-    torch_threads: int = 0  # 0: torch's default
-    dtype: str = "auto"  # auto: the checkpoint's half type where the device computes it natively, else float32
-    device: str = "cpu"
-    attention_backend: str = "auto"
-    log_level: str = "info"
-    # security (README "Security"): secrets travel to child processes in the environment, never argv
-    api_key: str = ""  # gateway: every route but /health needs `Authorization: Bearer <key>`
-    nats_user: str = ""
-    nats_password: str = ""
-    nats_token: str = ""
-    nats_tls_cert: str = ""  # client certificate (mutual TLS), and the embedded server's certificate
-    nats_tls_key: str = ""
-    nats_tls_ca: str = ""  # CA that signed the server's certificate (clients verify against it)
-    max_queued_requests_per_rank: int = 0  # scheduler: waiting requests before it rejects with 429; 0: off
+    # model
+    model_path: str = arg("", "The path of the model weights: a Hugging Face checkpoint directory or a .gguf "
+                          "file; empty: the default model (SmolLM2-135M-Instruct)", "model")
+    served_model_name: str = arg("", "Override the model name returned by /v1/models; empty: the name of "
+                                 "--model-path", "model")
+    context_length: int = arg(0, "The model's maximum context length in tokens; 0: max_position_embeddings "
+                              "of its config.json", "model")
+    dtype: str = arg("auto", "Data type for model weights and activations; auto: the checkpoint's half type "
+                     "where the device computes it natively, else float32", "model", choices=DTYPES)
+    device: str = arg("cpu", "The device to use (cpu, cuda, cuda:N)", "model")
+    attention_backend: str = arg("auto", "Choose the kernels for attention layers; auto: triton on CUDA, "
+                                 "torch elsewhere", "model", choices=ATTENTION_BACKENDS)
+    torch_threads: int = arg(0, "CPU threads per scheduler process; 0: serve divides the cores among its "
+                             "ranks, a service started alone keeps torch's default", "model")
+    host: str = arg("127.0.0.1", "The host of the HTTP server", "model")
+    port: int = arg(30000, "The port of the HTTP server", "model")
+    log_level: str = arg("info", "The logging level of all services (debug, info, warning, error)", "model")
+    # parallelism
+    dp_size: int = arg(1, "The data parallelism size: scheduler replicas (DP ranks)", "parallelism")
+    tp_size: int = arg(1, "The tensor parallelism size: ranks per replica, or in total with "
+                       "--enable-dp-attention", "parallelism")
+    enable_dp_attention: bool = arg(False, "Data parallelism for attention, tensor parallelism for FFN: "
+                                    "tp_size ranks in one world, dp_size attention groups", "parallelism")
+    dp_rank: int = arg(-1, "Scheduler only: the DP rank this process serves; -1: ask the dispatcher's rank "
+                       "registry", "parallelism")
+    tp_rank: int = arg(0, "Scheduler only: the rank in its torch.distributed world (serve sets it)",
+                       "parallelism")
+    dist_init_addr: str = arg("", "Scheduler only: host:port of the torch.distributed world's TCP store "
+                              "(serve sets it)", "parallelism")
+    dist_timeout: float = arg(30.0, "Seconds a torch.distributed collective may wait for a peer before the "
+                              "rank exits", "parallelism")
+    # scheduling
+    max_running_requests: int = arg(64, "The maximum number of running requests per rank", "scheduling")
+    max_total_tokens: int = arg(0, "The maximum number of tokens in each rank's KV pool; 0: from "
+                                "--kv-cache-bytes, --mem-fraction-static or the context length",
+                                "scheduling")
+    mem_fraction_static: float = arg(0.0, "The fraction of free device memory for the KV pool when "
+                                     "--max-total-tokens is 0; 0: off", "scheduling")
+    kv_cache_bytes: int = arg(0, "Each rank's KV pool budget in bytes when --max-total-tokens is 0; 0: off",
+                              "scheduling")
+    chunked_prefill_size: int = arg(8192, "The maximum number of tokens in a chunk for the chunked prefill; "
+                                    "-1 or 0: off (a prompt is prefilled in one step)", "scheduling")
+    max_prefill_tokens: int = arg(16384, "The maximum number of prompt tokens in one prefill step",
+                                  "scheduling")
+    schedule_policy: str = arg("fcfs", "The scheduling policy of the requests; lpm: longest prefix match "
+                               "first", "scheduling", choices=SCHEDULE_POLICIES)
+    disable_radix_cache: bool = arg(False, "Disable the radix (prefix) cache", "scheduling")
+    max_queued_requests: int = arg(1024, "Gateway: requests in progress before it answers 503",
+                                   "scheduling")
+    max_queued_requests_per_rank: int = arg(0, "Scheduler: waiting requests before it rejects with 429; "
+                                            "0: unbounded", "scheduling")
+    # load balancing
+    load_balance_method: str = arg("minimum_tokens", "The load balancing strategy for data parallelism",
+                                   "load balancing", choices=LOAD_BALANCE_METHODS)
+    cache_threshold: float = arg(0.5, "Cache threshold (0.0-1.0) for cache-aware routing: route by prefix "
+                                 "when the best match ratio exceeds it", "load balancing")
+    balance_abs_threshold: int = arg(32, "cache_aware: balance by load when max - min load (requests) "
+                                     "exceeds this and --balance-rel-threshold holds", "load balancing")
+    balance_rel_threshold: float = arg(1.0001, "cache_aware: balance by load when max load exceeds min load "
+                                       "times this and --balance-abs-threshold holds", "load balancing")
+    max_tree_size: int = arg(1 << 22, "cache_aware: tokens kept in each rank's approximate prefix tree "
+                             "(LRU)", "load balancing")
+    # bus
+    nats_url: str = arg("", "The NATS server URL (nats://host:4222); empty: serve starts an embedded "
+                        "nats-server, a service alone uses nats://127.0.0.1:4222", "bus")
+    nats_subject_prefix: str = arg("dpserve", "Prefix of every NATS subject, so deployments can share a "
+                                   "server", "bus")
+    # security
+    api_key: str = arg("", "Set API key of the server: every route but /health needs `Authorization: Bearer "
+                       "<key>`", "security", secret=True)
+    nats_user: str = arg("", "NATS user name (with --nats-password)", "security")
+    nats_password: str = arg("", "NATS password (with --nats-user)", "security", secret=True)
+    nats_token: str = arg("", "NATS token (instead of --nats-user/--nats-password)", "security", secret=True)
+    nats_tls_cert: str = arg("", "Client certificate file (mutual TLS), also the embedded server's "
+                             "certificate", "security")
+    nats_tls_key: str = arg("", "Private key file of --nats-tls-cert", "security")
+    nats_tls_ca: str = arg("", "CA certificate file that signed the NATS server's certificate (clients "
+                           "verify against it)", "security")
+    # reliability
+    request_timeout: float = arg(600.0, "Seconds before the gateway ends a request with an error",
+                                 "reliability")
+    heartbeat_interval: float = arg(0.1, "Seconds between a rank's load reports when nothing changes",
+                                    "reliability")
+    dead_rank_timeout: float = arg(1.0, "Seconds without a load report before a rank counts as dead",
+                                   "reliability")
+    disable_migration: bool = arg(False, "Fail a dead rank's running requests instead of migrating them to "
+                                  "a live rank", "reliability")
+    shutdown_grace_period: float = arg(10.0, "Seconds running requests may take to finish after SIGTERM",
+                                       "reliability")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,24 +158,27 @@ class ServerArgs:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, in its `--help` section; the default comes from `DPSERVE_<FLAG>` if set."""
+        groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
         for f in dataclasses.fields(cls):
             if f.name == "extra":
                 continue
             flag = "--" + f.name.replace("_", "-")
             env = "DPSERVE_" + f.name.upper()
             default = os.environ.get(env, f.default)
+            text = f.metadata["help"].replace("%", "%%")
+            if f.metadata["secret"]:  # never print the value
+                text += f" (env {env}: set)" if default else f" (env {env})"
+            else:
+                shown = "%(default)s" if default != "" else '""'
+                text += f" (default: {shown}; env {env})"
+            group = groups[f.metadata["group"]]
             kind = type(f.default)
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=_as_bool(default))
+                group.add_argument(flag, action="store_true", default=_as_bool(default), help=text)
             else:
-                kwargs: dict[str, Any] = {"type": kind, "default": kind(default)}
-                if f.name == "load_balance_method":
-                    kwargs["choices"] = LOAD_BALANCE_METHODS
-                if f.name == "attention_backend":
-                    kwargs["choices"] = ATTENTION_BACKENDS
-                if f.name == "dtype":
-                    kwargs["choices"] = DTYPES
-                parser.add_argument(flag, **kwargs, help=f"(env {env})")
+                group.add_argument(flag, type=kind, default=kind(default), choices=f.metadata["choices"],
+                                   help=text)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> ServerArgs:
@@ -121,7 +189,7 @@ class ServerArgs:
 
     @classmethod
     def parse(cls, argv: list[str] | None = None, prog: str | None = None) -> ServerArgs:
-        parser = argparse.ArgumentParser(prog=prog)
+        parser = argparse.ArgumentParser(prog=prog, usage="%(prog)s [-h] [FLAG VALUE ...]")
         cls.add_cli_args(parser)
         return cls.from_namespace(parser.parse_args(argv))
 
@@ -151,8 +219,8 @@ class ServerArgs:
             raise ValueError(f"unknown --attention-backend {self.attention_backend}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype} ({' | '.join(DTYPES)})")
-        if self.schedule_policy not in ("fcfs", "lpm"):
-            raise ValueError(f"unknown --schedule-policy {self.schedule_policy} (fcfs | lpm)")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"unknown --schedule-policy {self.schedule_policy} ({' | '.join(SCHEDULE_POLICIES)})")
         if self.nats_token and (self.nats_user or self.nats_password):
             raise ValueError("give --nats-token or --nats-user/--nats-password, not both")
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
@@ -184,7 +252,8 @@ class ServerArgs:
         return out
 
 
-SECRET_FIELDS = ("api_key", "nats_password", "nats_token")
+# ("api_key", "nats_password", "nats_token")
+SECRET_FIELDS = tuple(f.name for f in dataclasses.fields(ServerArgs) if f.metadata.get("secret"))
 
 
 def _as_bool(value: object) -> bool:

@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser(
         "serve",
         help="serve a model over HTTP on this machine (embedded nats-server + one process per service)",
+        usage="%(prog)s [-h] [--config FILE] [FLAG VALUE ...]",
         description="Serve a model: SGLang's /generate, OpenAI's /v1/*, /metrics. Precedence: flags > "
         "--config file > DPSERVE_* env vars > defaults.",
     )
-    serve.add_argument("--config", default="", help="YAML or JSON file of serve flags (`dp-size: 2`)")
+    serve.add_argument("--config", default="", metavar="FILE",
+                       help="YAML or JSON file of serve flags (`dp-size: 2`)")
     ServerArgs.add_cli_args(serve)
     tiny = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint",
                           description="Write a tiny random-weight Hugging Face checkpoint (tests, demos).")
