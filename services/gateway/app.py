@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -29,16 +28,19 @@ from services.gateway.metrics import GatewayMetrics, add_metrics_routes
 from services.gateway.migrate import Recovery
 from services.gateway.openai import add_openai_routes
 from services.gateway.openapi import OPENAPI
-from services.gateway.protocol import (
+from services.gateway.protocol import GenerateResponse, InvalidRequest, MetaInfo, logprob_meta, parse_generate
+from services.gateway.replies import (
+    MAX_BODY_BYTES,
     SSE_DONE,
-    GenerateResponse,
-    InvalidRequest,
-    MetaInfo,
-    encode_json,
+    TOO_LARGE,
+    end_sse_with_error,
     error_body,
-    logprob_meta,
-    parse_generate,
+    json_error,
+    json_errors,
+    json_response,
+    open_sse,
     sse_event,
+    timed_out,
 )
 from services.gateway.sglang_routes import add_sglang_routes
 from services.gateway.shutdown import Draining, drain_requests
@@ -51,8 +53,6 @@ from shared.subjects import Subjects
 
 log = logging.getLogger("gateway")
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
-RETRY_AFTER_S = "1"
 DP_RANK_HEADER = "X-Data-Parallel-Rank"
 STATE_KEY: web.AppKey[GatewayState] = web.AppKey("dpserve_gateway_state")
 
@@ -94,42 +94,6 @@ class GatewayState:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=encode_json(body), status=status, headers=headers, content_type="application/json"
-    )
-
-
-def json_error(message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
-    if status in (429, 503) and headers is None:  # overload: tell the client when to come back
-        headers = {"Retry-After": RETRY_AFTER_S}
-    return json_response(error_body(message, status), status, headers)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413, ...) and crashes, answered as JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        if e.status == 404:
-            message = f"no route for {request.method} {request.path}"
-        elif e.status == 405:
-            message = f"method {request.method} is not allowed for {request.path}"
-        else:
-            message = e.reason
-        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
-        return json_error(message, e.status, headers)
-    except Exception:
-        log.exception("handler failed %s %s", request.method, request.path)
-        return json_error("internal server error", 500)
-
-
 class Gateway:
     """The route handlers over one GatewayState."""
 
@@ -143,11 +107,11 @@ class Gateway:
         t0 = time.monotonic()
         created = time.time()
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return json_error(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+            return json_error(TOO_LARGE, 413)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return json_error(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+            return json_error(TOO_LARGE, 413)
         try:
             req = parse_generate(body, state.gateway_id, created)
             _apply_dp_rank_header(request, req)
@@ -156,7 +120,7 @@ class Gateway:
         if req.rid in state.streams:
             return json_error(f"a request with rid {req.rid!r} is already in progress", 400)
         if len(state.streams) >= state.args.max_queued_requests:
-            return json_error("too many requests in progress", 503, {"Retry-After": RETRY_AFTER_S})
+            return json_error("too many requests in progress", 503)
 
         stream = state.streams.open(req.rid, req.sampling.stop)
         published = False
@@ -165,7 +129,7 @@ class Gateway:
                 await state.bus.publish(state.subjects.tokenize, req)
             except Exception as e:
                 log.warning("generate request not published rid=%s error=%r", req.rid, e)
-                return json_error("the serving bus is unavailable", 503, {"Retry-After": RETRY_AFTER_S})
+                return json_error("the serving bus is unavailable", 503)
             published = True
             if req.stream:
                 return await self._respond_stream(request, req, stream, t0)
@@ -181,7 +145,7 @@ class Gateway:
                 while not stream.done:
                     await stream.wait_changed()
         except TimeoutError:
-            return json_error(f"request timed out after {self.state.args.request_timeout:g}s", 504)
+            return json_error(timed_out(self.state.args.request_timeout), 504)
         if stream.error is not None:
             return json_error(stream.error.message, stream.error.status)
         return json_response(_snapshot(stream, t0, stream.text, final=True))
@@ -197,14 +161,7 @@ class Gateway:
                 await stream.wait_changed()
                 if stream.error is not None:
                     return json_error(stream.error.message, stream.error.status)
-                resp = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no",
-                    }
-                )
-                await resp.prepare(request)
+                resp = await open_sse(request)
                 sent = (-1, -1)  # (len(text), len(output_ids)) in the last event
                 while True:
                     if stream.error is not None:
@@ -225,14 +182,9 @@ class Gateway:
                     await stream.wait_changed()
                 await resp.write(SSE_DONE)
         except TimeoutError:
-            message = f"request timed out after {timeout:g}s"
             if resp is None:
-                return json_error(message, 504)
-            try:
-                await resp.write(sse_event(error_body(message, 504)))
-                await resp.write(SSE_DONE)
-            except ConnectionError:
-                pass
+                return json_error(timed_out(timeout), 504)
+            await end_sse_with_error(resp, error_body(timed_out(timeout), 504))
         except ConnectionError:  # the client went away mid-stream; `generate` aborts the request
             log.info("client disconnected rid=%s", req.rid)
         assert resp is not None
@@ -295,7 +247,7 @@ async def get_loads(request: web.Request) -> web.Response:
         reply = await state.requester.request(state.subjects.dispatcher_loads, LoadTableQuery(), LoadTableReply, timeout=2.0)
     except Exception as e:
         log.warning("get_loads: no answer from the dispatcher: %r", e)
-        return json_error("the dispatcher did not answer", 503, {"Retry-After": RETRY_AFTER_S})
+        return json_error("the dispatcher did not answer", 503)
     ranks = [msgspec.structs.asdict(r) for r in reply.ranks]
     for r in ranks:
         r["kv_usage"] = round(r["kv_used"] / r["kv_total"], 4) if r["kv_total"] else 0.0

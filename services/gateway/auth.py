@@ -12,11 +12,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from services.gateway.protocol import encode_json, error_body
+from services.gateway.replies import Handler, json_error
 
 OPEN_PATHS = frozenset({"/health"})
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
@@ -46,9 +45,4 @@ def api_key_middleware(api_key: str) -> Middleware:
 
 
 def unauthorized(message: str) -> web.Response:
-    return web.Response(
-        body=encode_json(error_body(message, 401)),
-        status=401,
-        headers={"WWW-Authenticate": 'Bearer realm="dpserve"'},
-        content_type="application/json",
-    )
+    return json_error(message, 401, {"WWW-Authenticate": 'Bearer realm="dpserve"'})

@@ -43,7 +43,18 @@ from services.gateway.openai_logprobs import (
     num_entries,
     prompt_text,
 )
-from services.gateway.protocol import SSE_DONE, InvalidRequest, check_encodable, encode_json, sse_event
+from services.gateway.protocol import InvalidRequest, check_encodable
+from services.gateway.replies import (
+    SSE_DONE,
+    TOO_LARGE,
+    end_sse_with_error,
+    json_response,
+    open_sse,
+    openai_error,
+    openai_error_body,
+    sse_event,
+    timed_out,
+)
 from services.gateway.streams import RequestStream
 from services.gateway.submit import SubmitError, submitted
 from shared.messages import ChatMessage, GenerateRequest, SamplingParams
@@ -52,30 +63,12 @@ if TYPE_CHECKING:
     from services.gateway.app import GatewayState
 
 MAX_N = 64
-MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class OpenAIError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
-
-
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError"}.get(status)
-    if kind is None:
-        kind = "InternalServerError" if status >= 500 else "BadRequestError"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-
-
-def error_response(message: str, status: int, param: str | None = None) -> web.Response:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return web.Response(
-        body=encode_json(error_body(message, status, param)),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -320,9 +313,9 @@ class OpenAIRoutes:
                 prompts = completion_prompts(body)
                 sampling = sampling_of(body, body.max_tokens, 16)  # OpenAI's default for completions
         except OpenAIError as e:
-            return error_response(e.message, e.status, e.param)
+            return openai_error(e.message, e.status, e.param)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+            return openai_error(TOO_LARGE, 413)
 
         rid = body.rid or uuid.uuid4().hex
         echo = isinstance(body, CompletionBody) and body.echo
@@ -355,7 +348,7 @@ class OpenAIRoutes:
             for r in reqs:
                 check_encodable(r)
         except InvalidRequest as e:
-            return error_response(str(e), 400)
+            return openai_error(str(e), 400)
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + rid,
             "created": int(created),
@@ -375,14 +368,14 @@ class OpenAIRoutes:
                 await _all_done(choices, timeout)
                 return self._whole(choices, meta, chat, body, prompts)
         except SubmitError as e:
-            return error_response(e.message, e.status)
+            return openai_error(e.message, e.status)
 
     def _whole(
         self, choices: list[Choice], meta: dict[str, Any], chat: bool, body: _Common, prompts: list[Prompt]
     ) -> web.Response:
         failed = next((c.stream.error for c in choices if c.stream.error is not None), None)
         if failed is not None:
-            return error_response(failed.message, failed.status)
+            return openai_error(failed.message, failed.status)
         out = []
         for c in choices:
             text = c.stream.text
@@ -397,10 +390,7 @@ class OpenAIRoutes:
                 item["matched_stop"] = c.stream.finish.matched
             out.append(item)
         kind = "chat.completion" if chat else "text_completion"
-        return web.Response(
-            body=encode_json(meta | {"object": kind, "choices": out, "usage": usage(choices)}),
-            content_type="application/json",
-        )
+        return json_response(meta | {"object": kind, "choices": out, "usage": usage(choices)})
 
     async def _stream(
         self,
@@ -427,19 +417,12 @@ class OpenAIRoutes:
                 await _any_changed(choices)
                 failed = next((c.stream.error for c in choices if c.stream.error is not None), None)
                 if failed is not None:
-                    return error_response(failed.message, failed.status)
-                resp = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no",
-                    }
-                )
-                await resp.prepare(request)
+                    return openai_error(failed.message, failed.status)
+                resp = await open_sse(request)
                 while True:
                     failed = next((c.stream.error for c in choices if c.stream.error is not None), None)
                     if failed is not None:
-                        await resp.write(sse_event(error_body(failed.message, failed.status)))
+                        await resp.write(sse_event(openai_error_body(failed.message, failed.status)))
                         break
                     for c in choices:  # one choice per chunk, as OpenAI sends them
                         for item in self._deltas(c, chat):
@@ -451,12 +434,9 @@ class OpenAIRoutes:
                     await _any_changed(choices)
                 await resp.write(SSE_DONE)
         except TimeoutError:
-            message = f"request timed out after {timeout:g}s"
             if resp is None:
-                return error_response(message, 504)
-            with contextlib.suppress(ConnectionError):
-                await resp.write(sse_event(error_body(message, 504)))
-                await resp.write(SSE_DONE)
+                return openai_error(timed_out(timeout), 504)
+            await end_sse_with_error(resp, openai_error_body(timed_out(timeout), 504))
         except ConnectionError:  # client gone: `submitted` aborts every unfinished choice
             pass
         assert resp is not None
@@ -512,7 +492,7 @@ async def _all_done(choices: list[Choice], timeout: float) -> None:
                     return
                 await _any_stream_changed(running)
     except TimeoutError:
-        raise SubmitError(f"request timed out after {timeout:g}s", 504) from None
+        raise SubmitError(timed_out(timeout), 504) from None
 
 
 async def _any_stream_changed(waiting: list[RequestStream]) -> None:

@@ -1,4 +1,4 @@
-"""SGLang's `/generate` over HTTP: the request body, the response body, and the error body.
+"""SGLang's `/generate` over HTTP: the request body and the response body.
 
 Bodies are decoded with msgspec.json in strict mode, so a wrong type is reported with its JSON path
 (e.g. "Expected `int`, got `str` - at `$.sampling_params.max_new_tokens`").
@@ -132,22 +132,3 @@ class GenerateResponse(Struct, kw_only=True):
     text: str
     output_ids: list[int]
     meta_info: MetaInfo
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def encode_json(obj: Any) -> bytes:
-    return _encoder.encode(obj)
-
-
-def sse_event(obj: Any) -> bytes:
-    return b"data: " + _encoder.encode(obj) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def error_body(message: str, status: int) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}

@@ -8,6 +8,8 @@
   OpenAI choices `{rid}-{i}`) or for every request this gateway has in progress;
 - `GET /health_generate`: a one-token generation through the whole pipeline (tokenizer,
   dispatcher, a scheduler rank, detokenizer), 200 when it finishes, 503 otherwise.
+
+Their 503s carry no `Retry-After`: they report a state, not an overload.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Struct
 
-from services.gateway.protocol import encode_json, error_body
+from services.gateway.replies import json_error, json_response
 from services.gateway.submit import SubmitError, submitted, wait_done
 from shared.config import SECRET_FIELDS
 from shared.messages import Abort, FlushCache, GenerateRequest, SamplingParams
@@ -31,15 +33,12 @@ if TYPE_CHECKING:
 
 HEALTH_GENERATE_TIMEOUT = 20.0
 VERSION = "0.1.0"
+NO_RETRY: dict[str, str] = {}  # the headers of a 503 that is no overload
 
 
 class AbortBody(Struct, kw_only=True, forbid_unknown_fields=True):
     rid: str = ""
     abort_all: bool = False
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encode_json(body), status=status, content_type="application/json")
 
 
 class SGLangRoutes:
@@ -78,11 +77,11 @@ class SGLangRoutes:
             "max_total_num_tokens": min((s["max_total_num_tokens"] for s in states), default=0),
             "internal_states": states,
         }
-        return _json(body)
+        return json_response(body)
 
     async def model_info(self, request: web.Request) -> web.Response:
         args = self.state.args
-        return _json(
+        return json_response(
             {
                 "model_path": args.model_path,
                 "tokenizer_path": args.model_path,
@@ -95,16 +94,16 @@ class SGLangRoutes:
         try:
             await self.state.bus.publish(self.state.subjects.sched_control, FlushCache())
         except Exception:
-            return _json(error_body("the serving bus is unavailable", 503), 503)
-        return _json({"success": True, "message": "flush_cache sent to every scheduler rank"})
+            return json_error("the serving bus is unavailable", 503, NO_RETRY)
+        return json_response({"success": True, "message": "flush_cache sent to every scheduler rank"})
 
     async def abort_request(self, request: web.Request) -> web.Response:
         try:
             body = msgspec.json.decode(await request.read() or b"{}", type=AbortBody)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            return _json(error_body(f"invalid request: {e}", 400), 400)
+            return json_error(f"invalid request: {e}", 400)
         if not body.rid and not body.abort_all:
-            return _json(error_body("give `rid` or `abort_all: true`", 400), 400)
+            return json_error("give `rid` or `abort_all: true`", 400)
         if body.abort_all:
             rids = list(self.state.streams)
         else:
@@ -112,7 +111,7 @@ class SGLangRoutes:
             rids = [body.rid, *mine]
         for rid in rids:
             await self.state.bus.publish(self.state.subjects.sched_control, Abort(rid=rid))
-        return _json({"success": True, "aborted": rids})
+        return json_response({"success": True, "aborted": rids})
 
     async def health_generate(self, request: web.Request) -> web.Response:
         state = self.state
@@ -128,10 +127,10 @@ class SGLangRoutes:
             async with submitted(state, req) as stream:
                 await wait_done(stream, timeout)
         except SubmitError as e:
-            return _json(error_body(f"health generation failed: {e.message}", 503), 503)
+            return json_error(f"health generation failed: {e.message}", 503, NO_RETRY)
         if stream.error is not None:
-            return _json(error_body(f"health generation failed: {stream.error.message}", 503), 503)
-        return _json({"status": "ok", "output_ids": stream.output_ids})
+            return json_error(f"health generation failed: {stream.error.message}", 503, NO_RETRY)
+        return json_response({"status": "ok", "output_ids": stream.output_ids})
 
 
 def add_sglang_routes(app: web.Application, state: GatewayState) -> None:

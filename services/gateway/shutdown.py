@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from services.gateway.protocol import encode_json, error_body
+from services.gateway.replies import Handler, json_error
 from services.gateway.streams import Streams
 
 log = logging.getLogger("gateway.shutdown")
@@ -32,16 +32,9 @@ class Draining:
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         @web.middleware
-        async def refuse_while_draining(
-            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
+        async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
             if self.active and request.path not in ALWAYS_OPEN:
-                return web.Response(
-                    body=encode_json(error_body("the server is shutting down", 503)),
-                    status=503,
-                    headers={"Retry-After": "1"},
-                    content_type="application/json",
-                )
+                return json_error("the server is shutting down", 503)
             return await handler(request)
 
         return refuse_while_draining

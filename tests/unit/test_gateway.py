@@ -12,7 +12,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.gateway.app import GatewayState, build_app
-from services.gateway.protocol import InvalidRequest, error_body, parse_generate
+from services.gateway.protocol import InvalidRequest, parse_generate
+from services.gateway.replies import error_body
 from services.gateway.shutdown import drain_requests
 from services.gateway.streams import RequestStream
 from shared.config import ServerArgs
