@@ -1,9 +1,10 @@
 """The gateway's metrics and `GET /metrics`.
 
 What the gateway measures itself, from the traffic it carries:
-- it sees each request leave (`GenerateRequest` published on the tokenize subject: `watch(bus)`
-  wraps the publisher) and each step come back (`observe(batch)` on the output subscription), so it
-  times TTFT, inter-token latency and end-to-end latency exactly as a client would see them;
+- it is told when each request leaves and when it is aborted (`on_start`, `on_abort`: the request
+  lifecycle of `GatewayState`) and sees each step come back (`observe(batch)` on the output
+  subscription), so it times TTFT, inter-token latency and end-to-end latency exactly as a client
+  would see them;
 - it receives every DP leader's `LoadReport` (`on_report`), which carries the scheduler's gauges
   (running / waiting requests, KV used / total, cache hit rate).
 
@@ -11,7 +12,7 @@ Everything else (dispatcher, tokenizers, other gateways) arrives as `MetricsSnap
 `subjects.metrics` (shared/metrics.py); `/metrics` renders all of it.
 
 Invariant: `_started` holds only rids of requests in progress: an entry leaves on the request's
-final step, on its error, or on its abort.
+final step, on its error, on its abort, or when it was never published (`forget`).
 """
 
 from __future__ import annotations
@@ -20,28 +21,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
-import msgspec
 from aiohttp import web
 
-from shared.messages import Abort, GenerateRequest, LoadReport, RequestError, TextBatch
+from shared.messages import LoadReport, RequestError, TextBatch
 from shared.metrics import Histogram, Sample, Snapshots, render
 
 THROUGHPUT_WINDOW = 10.0  # seconds
-
-
-class _Publisher:
-    """A bus publisher that tells the metrics which requests start and which are aborted."""
-
-    def __init__(self, bus: object, metrics: GatewayMetrics) -> None:
-        self._bus = bus
-        self._metrics = metrics
-
-    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
-        if isinstance(msg, GenerateRequest):
-            self._metrics.on_start(msg.rid)
-        elif isinstance(msg, Abort):
-            self._metrics.on_abort(msg.rid)
-        await self._bus.publish(subject, msg)  # type: ignore[attr-defined]
 
 
 class GatewayMetrics:
@@ -58,9 +43,6 @@ class GatewayMetrics:
         self._recent: deque[tuple[float, int]] = deque()  # (clock(), tokens) within the window
         self.reports: dict[int, tuple[float, LoadReport]] = {}  # dp_rank -> (received, report)
         self.snapshots = Snapshots()
-
-    def watch(self, bus: object) -> _Publisher:
-        return _Publisher(bus, self)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -80,7 +62,7 @@ class GatewayMetrics:
                 continue
             if isinstance(out, RequestError):
                 self.finished["error"] += 1
-                self._end(out.rid)
+                self.forget(out.rid)
                 continue
             n = len(out.new_ids)
             if n:
@@ -97,14 +79,12 @@ class GatewayMetrics:
                 self.e2e.observe(now - started)
                 self.prompt_tokens += out.prompt_tokens
                 self.finished[out.finish.type] += 1
-                self._end(out.rid)
+                self.forget(out.rid)
 
-    def _end(self, rid: str) -> None:
+    def forget(self, rid: str) -> None:
+        """Stops timing `rid` without counting it."""
         self._started.pop(rid, None)
         self._last_token.pop(rid, None)
-
-    async def on_batch(self, batch: TextBatch) -> None:
-        self.observe(batch)
 
     async def on_report(self, report: LoadReport) -> None:
         self.reports[report.dp_rank] = (self.clock(), report)

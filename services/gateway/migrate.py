@@ -16,6 +16,9 @@ is the one that continues a request elsewhere:
 
 Each resume moves the request to a new seq epoch (`epoch << EPOCH_BITS`), so a late step of an
 earlier run is ignored as a duplicate.
+
+`originals` holds the request as first published (`remember`, called by `GatewayState.submit`) until
+its handler lets it go (`forget`): what a lost request is submitted again from.
 """
 
 from __future__ import annotations
@@ -24,15 +27,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from services.gateway.streams import RequestStream
+from services.gateway.bus import Publisher, Requester
+from services.gateway.streams import RequestStream, Streams
 from shared.messages import GenerateRequest, RequestError, Resume, ResumeReply, TextBatch
-
-if TYPE_CHECKING:
-    from services.gateway.app import GatewayState
+from shared.subjects import Subjects
 
 log = logging.getLogger("gateway.migrate")
 
@@ -54,29 +56,25 @@ class _Track:
     busy: bool = False
 
 
-class _Recorder:
-    """A publisher that remembers each GenerateRequest it publishes (to submit it again if lost)."""
-
-    def __init__(self, bus: Any, recovery: Recovery) -> None:
-        self._bus = bus
-        self._recovery = recovery
-
-    async def publish(self, subject: str, msg: msgspec.Struct) -> None:
-        if isinstance(msg, GenerateRequest):
-            self._recovery.originals[msg.rid] = msg
-        await self._bus.publish(subject, msg)
-
-
 class Recovery:
-    def __init__(self, state: GatewayState, requester: Any) -> None:
-        self.state = state
-        self.requester = requester  # request/reply to the dispatcher
+    def __init__(
+        self, streams: Streams, subjects: Subjects, gateway_id: str, bus: Publisher, requester: Requester | None
+    ) -> None:
+        self.streams = streams
+        self.subjects = subjects
+        self.gateway_id = gateway_id
+        self.bus = bus  # to submit a lost request again
+        self.requester = requester  # request/reply to the dispatcher; None: resumes get no answer
         self.originals: dict[str, GenerateRequest] = {}  # rid -> as published (in progress only)
         self.tracks: dict[str, _Track] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def watch(self, bus: Any) -> _Recorder:
-        return _Recorder(bus, self)
+    def remember(self, req: GenerateRequest) -> None:
+        self.originals[req.rid] = req
+
+    def forget(self, rid: str) -> None:
+        self.originals.pop(rid, None)
+        self.tracks.pop(rid, None)
 
     # --- migration notices ------------------------------------------------------------------
 
@@ -89,7 +87,7 @@ class Recovery:
             if not (isinstance(out, RequestError) and out.migrate):
                 kept.append(out)
                 continue
-            stream = self.state.streams.get(out.rid)
+            stream = self.streams.get(out.rid)
             if stream is None or stream.done:
                 continue  # nobody waits for it any more
             if self._track(out.rid).resumes >= MAX_RESUMES:
@@ -112,16 +110,17 @@ class Recovery:
         stream.begin_resume()
         msg = Resume(
             rid=stream.rid,
-            gateway_id=self.state.gateway_id,
+            gateway_id=self.gateway_id,
             output_ids=list(stream.output_ids),
             first_seq=first_seq,
             mode=mode,
         )
         reply: ResumeReply | None = None
         try:
-            reply = await self.requester.request(
-                self.state.subjects.dispatcher_resume, msg, ResumeReply, timeout=RESUME_TIMEOUT_S
-            )
+            if self.requester is not None:
+                reply = await self.requester.request(
+                    self.subjects.dispatcher_resume, msg, ResumeReply, timeout=RESUME_TIMEOUT_S
+                )
         except Exception as e:
             log.warning("resume rid=%s mode=%s: no answer from the dispatcher (%r)", stream.rid, mode, e)
         finally:
@@ -145,8 +144,8 @@ class Recovery:
             await asyncio.sleep(CHECK_EVERY_S)
             self._prune()
             now = time.monotonic()
-            for rid in list(self.state.streams):
-                stream = self.state.streams.get(rid)
+            for rid in list(self.streams):
+                stream = self.streams.get(rid)
                 if stream is None or stream.done or stream.resuming:
                     continue
                 track = self._track(rid)
@@ -179,7 +178,7 @@ class Recovery:
             stream.switch_epoch(again.first_seq)
             log.warning("rid=%s was lost before reaching a rank; submitting it again", stream.rid)
             try:
-                await self.state.bus.publish(self.state.subjects.tokenize, again)
+                await self.bus.publish(self.subjects.tokenize, again)
             except Exception as e:
                 log.warning("resubmission of rid=%s failed: %r", stream.rid, e)
             return
@@ -195,7 +194,8 @@ class Recovery:
         return track
 
     def _prune(self) -> None:
-        streams = self.state.streams
+        """Drops what a resume task recorded after its request's handler had left."""
+        streams = self.streams
         for table in (self.originals, self.tracks):
             for rid in [r for r in table if r not in streams]:
                 del table[rid]

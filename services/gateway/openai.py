@@ -1,8 +1,9 @@
 """OpenAI's `/v1/completions` and `/v1/chat/completions` over the same pipeline as `/generate`.
 
 A request becomes `len(prompts) × n` GenerateRequests (choice index = prompt_index * n + j), each
-its own rid `{id}-{index}`, all run at once; the response merges them. Chat requests carry their
-messages to the tokenizer, which renders the model's chat template (sandboxed jinja).
+its own rid `{id}-{index}`, all run at once through `GatewayState.running`; the response merges
+them. Chat requests carry their messages to the tokenizer, which renders the model's chat
+template (sandboxed jinja).
 
 Bodies decode strictly (msgspec): an unknown or mistyped field is a 400 naming it. Every error is
 OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -30,7 +31,8 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -55,12 +57,9 @@ from services.gateway.replies import (
     sse_event,
     timed_out,
 )
-from services.gateway.streams import RequestStream
-from services.gateway.submit import SubmitError, submitted
+from services.gateway.state import GatewayState, SubmitError
+from services.gateway.streams import RequestStream, any_changed, wait_finished
 from shared.messages import ChatMessage, GenerateRequest, SamplingParams
-
-if TYPE_CHECKING:
-    from services.gateway.app import GatewayState
 
 MAX_N = 64
 
@@ -69,9 +68,6 @@ class OpenAIError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
-
-
-# --- request bodies ---------------------------------------------------------------------------
 
 
 class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -215,6 +211,89 @@ def chat_messages(body: ChatBody) -> list[ChatMessage]:
     return out
 
 
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A valid body, as the response side needs it."""
+
+    chat: bool
+    rid: str
+    n: int
+    prompts: list[Prompt]
+    top: int | None  # None: no logprobs; else top logprobs per token
+    echo: bool
+    stream: bool
+    include_usage: bool
+    reqs: list[GenerateRequest]  # choice i is reqs[i]
+
+
+def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> OpenAIRequest:
+    """The GenerateRequests of a `/v1/chat/completions` (`chat`) or `/v1/completions` body;
+    raises OpenAIError."""
+    body: CompletionBody | ChatBody
+    if chat:
+        body = decode_body(raw, ChatBody)
+        assert isinstance(body, ChatBody)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError("top_logprobs requires logprobs: true", param="top_logprobs")
+        top = check_top(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
+        prompts: list[Prompt] = [chat_messages(body)]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        sampling = sampling_of(body, max_tokens, SamplingParams().max_new_tokens)
+    else:
+        body = decode_body(raw, CompletionBody)
+        assert isinstance(body, CompletionBody)
+        top = None if body.logprobs is None else check_top(body.logprobs, "logprobs")
+        if body.suffix:
+            raise OpenAIError("suffix is not supported", param="suffix")
+        prompts = completion_prompts(body)
+        sampling = sampling_of(body, body.max_tokens, 16)  # OpenAI's default for completions
+
+    rid = body.rid or uuid.uuid4().hex
+    echo = isinstance(body, CompletionBody) and body.echo
+    reqs = []
+    for p_index, prompt in enumerate(prompts):
+        prompt_logprobs = echo and (top is not None or not isinstance(prompt, str))
+        for j in range(body.n):
+            index = p_index * body.n + j
+            params = sampling
+            if body.seed is not None and index:  # distinct but reproducible choices
+                params = msgspec.structs.replace(sampling, seed=body.seed + index)
+            reqs.append(
+                GenerateRequest(
+                    rid=f"{rid}-{index}",
+                    gateway_id=gateway_id,
+                    text=prompt if isinstance(prompt, str) else None,
+                    input_ids=prompt
+                    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int)
+                    else None,  # type: ignore[arg-type]
+                    messages=prompt if chat else None,  # type: ignore[arg-type]
+                    sampling=params,
+                    stream=body.stream,
+                    created=created,
+                    return_logprob=top is not None or prompt_logprobs,
+                    top_logprobs_num=top or 0,
+                    logprob_start_len=0 if prompt_logprobs else -1,
+                )
+            )
+    try:
+        for r in reqs:
+            check_encodable(r)
+    except InvalidRequest as e:
+        raise OpenAIError(str(e)) from None
+    return OpenAIRequest(
+        chat=chat,
+        rid=rid,
+        n=body.n,
+        prompts=prompts,
+        top=top,
+        echo=echo,
+        stream=body.stream,
+        include_usage=body.stream_options is not None and body.stream_options.include_usage,
+        reqs=reqs,
+    )
+
+
 # --- the handlers -----------------------------------------------------------------------------
 
 
@@ -282,6 +361,15 @@ class OpenAIRoutes:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
+    async def models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self.state.args.model_name,
+            "object": "model",
+            "created": self.state.created,
+            "owned_by": "dpserve",
+        }
+        return json_response({"object": "list", "data": [model]})
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=False)
 
@@ -291,88 +379,31 @@ class OpenAIRoutes:
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         created = time.time()
         try:
-            raw = await request.read()
-            body: CompletionBody | ChatBody
-            if chat:
-                body = decode_body(raw, ChatBody)
-                assert isinstance(body, ChatBody)
-                if body.top_logprobs is not None and not body.logprobs:
-                    raise OpenAIError("top_logprobs requires logprobs: true", param="top_logprobs")
-                top = check_top(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
-                prompts: list[Prompt] = [chat_messages(body)]
-                max_tokens = (
-                    body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-                )
-                sampling = sampling_of(body, max_tokens, SamplingParams().max_new_tokens)
-            else:
-                body = decode_body(raw, CompletionBody)
-                assert isinstance(body, CompletionBody)
-                top = None if body.logprobs is None else check_top(body.logprobs, "logprobs")
-                if body.suffix:
-                    raise OpenAIError("suffix is not supported", param="suffix")
-                prompts = completion_prompts(body)
-                sampling = sampling_of(body, body.max_tokens, 16)  # OpenAI's default for completions
+            parsed = parse_openai(await request.read(), chat, self.state.gateway_id, created)
         except OpenAIError as e:
             return openai_error(e.message, e.status, e.param)
         except web.HTTPRequestEntityTooLarge:
             return openai_error(TOO_LARGE, 413)
-
-        rid = body.rid or uuid.uuid4().hex
-        echo = isinstance(body, CompletionBody) and body.echo
-        reqs = []
-        for p_index, prompt in enumerate(prompts):
-            prompt_logprobs = echo and (top is not None or not isinstance(prompt, str))
-            for j in range(body.n):
-                index = p_index * body.n + j
-                params = sampling
-                if body.seed is not None and index:  # distinct but reproducible choices
-                    params = msgspec.structs.replace(sampling, seed=body.seed + index)
-                reqs.append(
-                    GenerateRequest(
-                        rid=f"{rid}-{index}",
-                        gateway_id=self.state.gateway_id,
-                        text=prompt if isinstance(prompt, str) else None,
-                        input_ids=prompt
-                        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int)
-                        else None,  # type: ignore[arg-type]
-                        messages=prompt if chat else None,  # type: ignore[arg-type]
-                        sampling=params,
-                        stream=body.stream,
-                        created=created,
-                        return_logprob=top is not None or prompt_logprobs,
-                        top_logprobs_num=top or 0,
-                        logprob_start_len=0 if prompt_logprobs else -1,
-                    )
-                )
-        try:
-            for r in reqs:
-                check_encodable(r)
-        except InvalidRequest as e:
-            return openai_error(str(e), 400)
         meta = {
-            "id": ("chatcmpl-" if chat else "cmpl-") + rid,
+            "id": ("chatcmpl-" if chat else "cmpl-") + parsed.rid,
             "created": int(created),
             "model": self.state.args.model_name,
         }
+        timeout = self.state.args.request_timeout
         try:
             async with contextlib.AsyncExitStack() as stack:
-                streams = [await stack.enter_async_context(submitted(self.state, r)) for r in reqs]
-                choices = [
-                    Choice(i, i // body.n, s, top, prompts[i // body.n] if echo else None)
-                    for i, s in enumerate(streams)
-                ]
-                if body.stream:
-                    include_usage = body.stream_options is not None and body.stream_options.include_usage
-                    return await self._stream(request, choices, meta, chat, include_usage)
-                timeout = self.state.args.request_timeout
-                await _all_done(choices, timeout)
-                return self._whole(choices, meta, chat, body, prompts)
+                streams = [await stack.enter_async_context(self.state.running(r)) for r in parsed.reqs]
+                choices = [_choice(parsed, i, s) for i, s in enumerate(streams)]
+                if parsed.stream:
+                    return await self._stream(request, choices, meta, chat, parsed.include_usage)
+                await wait_finished(streams, timeout)
+                return self._whole(choices, meta, chat)
         except SubmitError as e:
             return openai_error(e.message, e.status)
+        except TimeoutError:
+            return openai_error(timed_out(timeout), 504)
 
-    def _whole(
-        self, choices: list[Choice], meta: dict[str, Any], chat: bool, body: _Common, prompts: list[Prompt]
-    ) -> web.Response:
+    def _whole(self, choices: list[Choice], meta: dict[str, Any], chat: bool) -> web.Response:
         failed = next((c.stream.error for c in choices if c.stream.error is not None), None)
         if failed is not None:
             return openai_error(failed.message, failed.status)
@@ -437,7 +468,7 @@ class OpenAIRoutes:
             if resp is None:
                 return openai_error(timed_out(timeout), 504)
             await end_sse_with_error(resp, openai_error_body(timed_out(timeout), 504))
-        except ConnectionError:  # client gone: `submitted` aborts every unfinished choice
+        except ConnectionError:  # client gone: `release` aborts every unfinished choice
             pass
         assert resp is not None
         return resp
@@ -477,36 +508,18 @@ class OpenAIRoutes:
         return out
 
 
+def _choice(parsed: OpenAIRequest, index: int, stream: RequestStream) -> Choice:
+    prompt_index = index // parsed.n
+    return Choice(index, prompt_index, stream, parsed.top, parsed.prompts[prompt_index] if parsed.echo else None)
+
+
 async def _any_changed(choices: list[Choice]) -> None:
     """Returns once the stream of any choice not yet finished changed (at once if one is done)."""
-    await _any_stream_changed([c.stream for c in choices if not c.finished])
-
-
-async def _all_done(choices: list[Choice], timeout: float) -> None:
-    """Until every choice is done or one failed; SubmitError(504) after `timeout` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not any(c.stream.error for c in choices):
-                running = [c.stream for c in choices if not c.stream.done]
-                if not running:
-                    return
-                await _any_stream_changed(running)
-    except TimeoutError:
-        raise SubmitError(timed_out(timeout), 504) from None
-
-
-async def _any_stream_changed(waiting: list[RequestStream]) -> None:
-    if not waiting or any(s.done for s in waiting):
-        return
-    tasks = [asyncio.ensure_future(s.wait_changed()) for s in waiting]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
+    await any_changed([c.stream for c in choices if not c.finished])
 
 
 def add_openai_routes(app: web.Application, state: GatewayState) -> None:
     routes = OpenAIRoutes(state)
+    app.router.add_get("/v1/models", routes.models)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)

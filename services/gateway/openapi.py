@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from aiohttp import web
 
 from services.gateway.openai import ChatBody, CompletionBody
 from services.gateway.protocol import GenerateBody, GenerateResponse
+from services.gateway.replies import json_response
 from services.gateway.sglang_routes import VERSION, AbortBody
 
 REF = "#/components/schemas/{name}"
@@ -115,3 +117,10 @@ def build_openapi() -> dict[str, Any]:
 
 
 OPENAPI: dict[str, Any] = build_openapi()
+
+
+def add_openapi_route(app: web.Application) -> None:
+    async def openapi_json(request: web.Request) -> web.Response:
+        return json_response(OPENAPI)
+
+    app.router.add_get("/openapi.json", openapi_json)

@@ -1,5 +1,8 @@
 """SGLang's operational endpoints beside `/generate`.
 
+- `GET /health`: 200 while a scheduler rank is live (its load reports arrive), else 503;
+- `GET /get_loads`: the dispatcher's load table, one entry per DP rank; 503 when the dispatcher
+  does not answer;
 - `GET /get_server_info`: the server args plus `internal_states`, one entry per DP rank seen in the
   load reports (`dp_rank`, `max_total_num_tokens`, load), which SGLang's bench client reads;
 - `GET /get_model_info`: model path and name;
@@ -9,29 +12,31 @@
 - `GET /health_generate`: a one-token generation through the whole pipeline (tokenizer,
   dispatcher, a scheduler rank, detokenizer), 200 when it finishes, 503 otherwise.
 
-Their 503s carry no `Retry-After`: they report a state, not an overload.
+Their 503s but `/get_loads`' carry no `Retry-After`: they report a state, not an overload.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from aiohttp import web
 from msgspec import Struct
 
-from services.gateway.replies import json_error, json_response
-from services.gateway.submit import SubmitError, submitted, wait_done
+from services.gateway.replies import json_error, json_response, timed_out
+from services.gateway.state import GatewayState, SubmitError
+from services.gateway.streams import wait_finished
 from shared.config import SECRET_FIELDS
-from shared.messages import Abort, FlushCache, GenerateRequest, SamplingParams
+from shared.messages import FlushCache, GenerateRequest, LoadTableQuery, LoadTableReply, SamplingParams
 
-if TYPE_CHECKING:
-    from services.gateway.app import GatewayState
+log = logging.getLogger("gateway")
 
 HEALTH_GENERATE_TIMEOUT = 20.0
+LOADS_TIMEOUT_S = 2.0
 VERSION = "0.1.0"
 NO_RETRY: dict[str, str] = {}  # the headers of a 503 that is no overload
 
@@ -44,6 +49,27 @@ class AbortBody(Struct, kw_only=True, forbid_unknown_fields=True):
 class SGLangRoutes:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.state.liveness.live_ranks():
+            return json_response({"status": "ok"})
+        return json_response({"status": "no live scheduler rank"}, 503)
+
+    async def get_loads(self, request: web.Request) -> web.Response:
+        state = self.state
+        if state.requester is None:
+            return json_error("the dispatcher is not reachable from this gateway", 503)
+        try:
+            reply = await state.requester.request(
+                state.subjects.dispatcher_loads, LoadTableQuery(), LoadTableReply, timeout=LOADS_TIMEOUT_S
+            )
+        except Exception as e:
+            log.warning("get_loads: no answer from the dispatcher: %r", e)
+            return json_error("the dispatcher did not answer", 503)
+        ranks = [msgspec.structs.asdict(r) for r in reply.ranks]
+        for r in ranks:
+            r["kv_usage"] = round(r["kv_used"] / r["kv_total"], 4) if r["kv_total"] else 0.0
+        return json_response({"load_balance_method": reply.method, "ranks": ranks})
 
     def internal_states(self) -> list[dict[str, Any]]:
         metrics = self.state.metrics
@@ -110,7 +136,7 @@ class SGLangRoutes:
             mine = [r for r in self.state.streams if r.startswith(body.rid + "-")]  # OpenAI choices
             rids = [body.rid, *mine]
         for rid in rids:
-            await self.state.bus.publish(self.state.subjects.sched_control, Abort(rid=rid))
+            await self.state.publish_abort(rid)
         return json_response({"success": True, "aborted": rids})
 
     async def health_generate(self, request: web.Request) -> web.Response:
@@ -124,10 +150,12 @@ class SGLangRoutes:
         )
         timeout = min(state.args.request_timeout, HEALTH_GENERATE_TIMEOUT)
         try:
-            async with submitted(state, req) as stream:
-                await wait_done(stream, timeout)
+            async with state.running(req) as stream:
+                await wait_finished([stream], timeout)
         except SubmitError as e:
             return json_error(f"health generation failed: {e.message}", 503, NO_RETRY)
+        except TimeoutError:
+            return json_error(f"health generation failed: {timed_out(timeout)}", 503, NO_RETRY)
         if stream.error is not None:
             return json_error(f"health generation failed: {stream.error.message}", 503, NO_RETRY)
         return json_response({"status": "ok", "output_ids": stream.output_ids})
@@ -135,6 +163,8 @@ class SGLangRoutes:
 
 def add_sglang_routes(app: web.Application, state: GatewayState) -> None:
     routes = SGLangRoutes(state)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/get_loads", routes.get_loads)
     app.router.add_get("/get_server_info", routes.server_info)
     app.router.add_get("/server_info", routes.server_info)
     app.router.add_get("/get_model_info", routes.model_info)

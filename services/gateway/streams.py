@@ -192,6 +192,30 @@ class Streams:
                 continue
             stream.feed(out)
 
-    async def on_batch(self, batch: TextBatch) -> None:
-        """Bus handler for `subjects.out(gateway_id)`."""
-        self.feed(batch)
+
+# --- waiting on several streams (OpenAI's choices, a whole response) ------------------------------
+
+
+async def wait_finished(streams: list[RequestStream], timeout: float) -> None:
+    """Until every stream is done or one failed; TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not any(s.error is not None for s in streams):
+            running = [s for s in streams if not s.done]
+            if not running:
+                return
+            await any_changed(running)
+
+
+async def any_changed(waiting: list[RequestStream]) -> None:
+    """Returns once any of `waiting` changed (at once if one is done or none is given)."""
+    if not waiting or any(s.done for s in waiting):
+        return
+    if len(waiting) == 1:
+        await waiting[0].wait_changed()
+        return
+    tasks = [asyncio.ensure_future(s.wait_changed()) for s in waiting]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from services.gateway.app import GatewayState, build_app
+from services.gateway.app import build_app
+from services.gateway.state import GatewayState
 from shared.config import ServerArgs
 from shared.subjects import Subjects
 from tests.integration.client import generate, get, post

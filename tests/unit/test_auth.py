@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.gateway.app import GatewayState, build_app
+from services.gateway.app import build_app
+from services.gateway.state import GatewayState
 from shared.config import ServerArgs
 from shared.messages import GenerateRequest
 from shared.subjects import Subjects

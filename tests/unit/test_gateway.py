@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import graphlib
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.gateway.app import GatewayState, build_app
+import services.gateway
+from services.gateway.app import build_app
 from services.gateway.protocol import InvalidRequest, parse_generate
 from services.gateway.replies import error_body
 from services.gateway.shutdown import drain_requests
+from services.gateway.state import GatewayState
 from services.gateway.streams import RequestStream
 from shared.config import ServerArgs
 from shared.messages import (
@@ -80,10 +85,10 @@ class Harness:
 async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
     clients: list[TestClient] = []
 
-    async def make(**overrides: Any) -> Harness:
+    async def make(requester: Any = None, **overrides: Any) -> Harness:
         args = ServerArgs(**({"request_timeout": 5.0} | overrides))
         bus = FakeBus()
-        state = GatewayState(bus, Subjects(args.subject_prefix), args, gateway_id="gw1")
+        state = GatewayState(bus, Subjects(args.subject_prefix), args, gateway_id="gw1", requester=requester)
         client = TestClient(TestServer(build_app(state)))
         await client.start_server()
         clients.append(client)
@@ -281,6 +286,35 @@ async def test_timeout_gets_504_and_aborts(make_gateway: Callable[..., Any]) -> 
     await gw.state.drain()
     assert gw.aborts() == ["slow"]
     assert "slow" not in gw.state.streams
+    assert gw.state.metrics.finished["abort"] == 1 and not gw.state.metrics._started
+
+
+async def test_a_request_the_bus_refuses_leaves_nothing_behind(gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(subject: str, msg: Any) -> None:
+        raise ConnectionError("nats is down")
+
+    monkeypatch.setattr(gw.bus, "publish", refuse)
+    resp = await gw.client.post("/generate", json={"text": "x", "rid": "r"})
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert_error(await resp.json(), 503, "the serving bus is unavailable")
+    assert len(gw.state.streams) == 0 and not gw.state.recovery.originals
+    assert not gw.state.metrics._started  # no timer left running for a request that never left
+    await gw.state.drain()
+    assert gw.aborts() == []
+
+
+async def test_the_lifecycle_times_a_request_and_keeps_its_copy_while_it_runs(gw: Harness) -> None:
+    """`submit` starts the metric timers and keeps the copy for resubmission; the outputs end the
+    timers; `release` drops the copy (an abort ends the timers: test_timeout_gets_504_and_aborts)."""
+    task = asyncio.create_task(gw.client.post("/generate", json={"text": "x", "rid": "life"}))
+    req = await gw.published("life")
+    assert gw.state.recovery.originals["life"] is req
+    done = step("life", 0, "a", [1], finish=FinishReason(type="length", length=1), full_text="a")
+    await gw.state.on_output(TextBatch(outputs=[done]))
+    assert (await task).status == 200
+    metrics = gw.state.metrics
+    assert (metrics.ttft.count, metrics.e2e.count, dict(metrics.finished)) == (1, 1, {"length": 1})
+    assert "life" not in gw.state.recovery.originals
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -320,9 +354,9 @@ async def test_final_output_arriving_during_a_write_still_streams_the_final_even
 ) -> None:
     """The final step lands while the handler is writing the previous event: the last event
     before [DONE] must still be the final one (it once broke out with a non-final event)."""
-    import services.gateway.app as app_module
+    import services.gateway.generate as generate_module
 
-    real = app_module.sse_event
+    real = generate_module.sse_event
     calls = 0
 
     def sse_event_that_lets_the_final_step_land(event: Any) -> bytes:
@@ -332,7 +366,7 @@ async def test_final_output_arriving_during_a_write_still_streams_the_final_even
             gw.feed(step("race", 1, "b", [2], finish=FinishReason(type="length", length=2), full_text="ab"))
         return real(event)
 
-    monkeypatch.setattr(app_module, "sse_event", sse_event_that_lets_the_final_step_land)
+    monkeypatch.setattr(generate_module, "sse_event", sse_event_that_lets_the_final_step_land)
     async with asyncio.timeout(5):
         task = asyncio.create_task(gw.client.post("/generate", json={"text": "x", "rid": "race", "stream": True}))
         await gw.published("race")
@@ -499,17 +533,17 @@ async def test_stream_timeout_after_headers_sends_error_event(make_gateway: Call
     assert gw.aborts() == ["t"]
 
 
-async def test_a_lost_request_is_submitted_again_at_a_new_epoch(gw: Harness) -> None:
+async def test_a_lost_request_is_submitted_again_at_a_new_epoch(make_gateway: Callable[..., Any]) -> None:
     """The dispatcher twice does not know a request of which nothing arrived: the gateway submits it
     again at a new seq epoch, so steps of the original, should it turn up after all, are ignored."""
-    from services.gateway.migrate import EPOCH_BITS, Recovery
+    from services.gateway.migrate import EPOCH_BITS
 
     class Unknown:
         async def request(self, subject: str, msg: Any, reply_type: type, timeout: float) -> Any:
             return reply_type(status="unknown")
 
-    recovery = Recovery(gw.state, Unknown())
-    gw.state.bus = recovery.watch(gw.bus)
+    gw = await make_gateway(requester=Unknown())
+    recovery = gw.state.recovery
     async with asyncio.timeout(5):
         task = asyncio.create_task(gw.client.post("/generate", json={"text": "x", "rid": "lost", "stream": True}))
         original = await gw.published("lost")
@@ -530,3 +564,40 @@ async def test_a_lost_request_is_submitted_again_at_a_new_epoch(gw: Harness) -> 
     assert events[-1] == "[DONE]"
     assert events[-2]["text"] == "ab" and events[-2]["output_ids"] == [1, 2]
     assert all("late" not in e["text"] for e in events[:-1])
+
+
+# --- module structure ---------------------------------------------------------------------------
+
+
+def gateway_imports(root: Path) -> dict[str, set[str]]:
+    """module -> the gateway modules it imports, wherever in the file (TYPE_CHECKING blocks too)."""
+    modules = {p.stem for p in root.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "services.gateway" + (f".{node.module}" if node.module else "") if node.level else node.module or ""
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                if parts[:2] == ["services", "gateway"] and len(parts) > 2 and parts[2] in modules:
+                    deps.add(parts[2])
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_gateway_imports_run_one_way() -> None:
+    """Routes import the state; nothing imports the app but the entry point; no import cycle."""
+    graph = gateway_imports(Path(services.gateway.__file__).parent)
+    assert {"state", "generate", "openai", "replies"} <= graph.keys()
+    assert {m for m, deps in graph.items() if "app" in deps} == {"__main__"}
+    assert not graph["state"] & {"generate", "openai", "sglang_routes", "app"}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle among gateway modules: {' -> '.join(e.args[1])}")
