@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from services.gateway.openai import ChatBody, CompletionBody
+from services.gateway.openai_protocol import ChatBody, CompletionBody
 from services.gateway.protocol import GenerateBody, GenerateResponse
 from services.gateway.replies import json_response
 from services.gateway.sglang_routes import VERSION, AbortBody
