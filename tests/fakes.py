@@ -31,3 +31,13 @@ class FakeBus:
         """What was published since the last take."""
         out, self.sent = self.sent, []
         return out
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand: `clock.now += 2.0`."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -25,6 +25,7 @@ from shared.messages import RequestError, Resume, ResumeReply, TokenizedRequest
 
 PARK_TIMEOUT = 30.0  # seconds a migrating request waits for its gateway's Resume
 FINAL_GRACE = 1.0  # seconds after a rank reported a request finished before a Resume may rerun it
+OTHER_GATEWAY = ResumeReply(status="unknown", message="the request belongs to another gateway")
 
 
 class Migrations:
@@ -45,9 +46,12 @@ class Migrations:
         """The request to dispatch again for `msg`, carrying the gateway's output (its dispatch id
         is the caller's to set), or the reply that says why not: it is still running, waiting in
         `pending`, or unknown here."""
-        parked = self.parked.pop(msg.rid, None)
+        parked = self.parked.get(msg.rid)
         if parked is not None:
             req = parked[1]
+            if req.gateway_id != msg.gateway_id:  # checked before it is taken: a stray Resume drops nothing
+                return OTHER_GATEWAY
+            del self.parked[msg.rid]
         else:
             where = table.locate(msg.rid)
             if where is not None:
@@ -57,12 +61,12 @@ class Migrations:
             done = table.finished.get(msg.rid)
             if done is None:
                 return ResumeReply(status="unknown", message="the dispatcher does not know this request")
+            req = done[0]
+            if req.gateway_id != msg.gateway_id:
+                return OTHER_GATEWAY
             if self.clock() - done[1] < FINAL_GRACE:
                 return ResumeReply(status="running", message="just finished")
             table.finished.pop(msg.rid)
-            req = done[0]
-        if req.gateway_id != msg.gateway_id:
-            return ResumeReply(status="unknown", message="the request belongs to another gateway")
         return msgspec.structs.replace(req, resume_output_ids=list(msg.output_ids), first_seq=msg.first_seq)
 
     def expired(self) -> list[TokenizedRequest]:

@@ -19,24 +19,16 @@ from shared.messages import (
     TextBatch,
     TokenizedRequest,
 )
-from tests.fakes import FakeBus
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeBus, FakeClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def svc(clock: Clock) -> DispatcherService:
+def svc(clock: FakeClock) -> DispatcherService:
     service = DispatcherService(ServerArgs(dp_size=2, load_balance_method="minimum_tokens"), clock=clock)
     service.bus = FakeBus()  # type: ignore[assignment]
     return service
@@ -70,7 +62,7 @@ async def test_routed_dp_rank_overrides_the_method(svc: DispatcherService) -> No
     assert errors[0].rid == "r3" and errors[0].status == 400 and "not a live DP rank" in errors[0].message
 
 
-async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: DispatcherService, clock: Clock) -> None:
+async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: DispatcherService, clock: FakeClock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_report(report(0, 1))
     await svc.on_report(report(1, 1, holding=10_000))  # everything goes to rank 0 first
@@ -99,7 +91,7 @@ async def test_dead_rank_redispatches_in_flight_and_fails_accepted(svc: Dispatch
     assert [(m.rid, m.dp_rank) for s, m in bus.sent if isinstance(m, Abort)] == [("r3", 0)]
 
 
-async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: DispatcherService, clock: Clock) -> None:
+async def test_restarted_rank_gets_its_lost_requests_back_elsewhere(svc: DispatcherService, clock: FakeClock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_report(report(0, 1))
     await svc.on_report(report(1, 1, holding=10_000))
@@ -151,7 +143,7 @@ async def test_forged_report_for_a_live_rank_changes_nothing(svc: DispatcherServ
 
 
 async def test_dead_rank_goes_to_the_next_hello_and_its_old_instance_is_retired(
-    svc: DispatcherService, clock: Clock
+    svc: DispatcherService, clock: FakeClock
 ) -> None:
     await svc.on_report(report(0, 1, instance="a"))
     await svc.on_report(report(1, 1, instance="b"))
@@ -206,7 +198,7 @@ def errors_in(bus: FakeBus) -> list[RequestError]:
     return [o for m in bus.of(TextBatch) for o in m.outputs if isinstance(o, RequestError)]
 
 
-async def test_pending_request_fails_once_it_waited_too_long(svc: DispatcherService, clock: Clock) -> None:
+async def test_pending_request_fails_once_it_waited_too_long(svc: DispatcherService, clock: FakeClock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_request(request(1))
     clock.now += PENDING_TIMEOUT - 1
@@ -218,7 +210,7 @@ async def test_pending_request_fails_once_it_waited_too_long(svc: DispatcherServ
     assert not svc.pending
 
 
-async def dead_while_serving(svc: DispatcherService, clock: Clock) -> None:
+async def dead_while_serving(svc: DispatcherService, clock: FakeClock) -> None:
     """r1 accepted by rank 0, which then goes silent; rank 1 (heavier) keeps reporting."""
     await svc.on_report(report(0, 1))
     await svc.on_report(report(1, 1, holding=10_000))
@@ -230,7 +222,7 @@ async def dead_while_serving(svc: DispatcherService, clock: Clock) -> None:
 
 
 async def test_resume_after_migration_dispatches_with_the_gateway_output(svc: DispatcherService,
-                                                                         clock: Clock) -> None:
+                                                                         clock: FakeClock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await dead_while_serving(svc, clock)
     (notice,) = errors_in(bus)
@@ -238,6 +230,8 @@ async def test_resume_after_migration_dispatches_with_the_gateway_output(svc: Di
     bus.take()
     stranger = await svc.on_resume(Resume(rid="r9", gateway_id="g", output_ids=[], first_seq=0))
     assert stranger.status == "unknown"
+    forged = await svc.on_resume(Resume(rid="r1", gateway_id="other", output_ids=[1], first_seq=3))
+    assert forged.status == "unknown" and not bus.of(TokenizedRequest)  # and r1 stays parked for its gateway
     reply = await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[7, 8], first_seq=3, mode="migrate"))
     assert reply.status == "dispatched"
     (resumed,) = bus.of(TokenizedRequest)
@@ -247,7 +241,7 @@ async def test_resume_after_migration_dispatches_with_the_gateway_output(svc: Di
     assert (again.status, again.dp_rank) == ("running", 1)
 
 
-async def test_parked_request_fails_when_its_gateway_never_resumes(svc: DispatcherService, clock: Clock) -> None:
+async def test_parked_request_fails_when_its_gateway_never_resumes(svc: DispatcherService, clock: FakeClock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await dead_while_serving(svc, clock)
     bus.take()
@@ -259,7 +253,7 @@ async def test_parked_request_fails_when_its_gateway_never_resumes(svc: Dispatch
     assert (await svc.on_resume(Resume(rid="r1", gateway_id="g", output_ids=[], first_seq=0))).status == "unknown"
 
 
-async def test_finished_request_reruns_only_after_the_final_grace(svc: DispatcherService, clock: Clock) -> None:
+async def test_finished_request_reruns_only_after_the_final_grace(svc: DispatcherService, clock: FakeClock) -> None:
     bus: FakeBus = svc.bus  # type: ignore[assignment]
     await svc.on_report(report(0, 1))
     await svc.on_request(request(1))

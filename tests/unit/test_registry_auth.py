@@ -11,6 +11,7 @@ import pytest
 from services.dispatcher.registry import RankRegistry
 from services.gateway.liveness import Liveness
 from shared.messages import LoadReport, RankHello
+from tests.fakes import FakeClock
 
 DEAD_AFTER = 1.0
 
@@ -118,14 +119,6 @@ def load(rank: int, instance: str = "a", **kw: float) -> LoadReport:
     return LoadReport(dp_rank=rank, instance_id=instance, **fields)  # type: ignore[arg-type]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize(
     "bad",
     [
@@ -146,7 +139,7 @@ async def test_liveness_ignores_nonsense_and_out_of_range_reports(bad: LoadRepor
     async def then(r: LoadReport) -> None:
         forwarded.append(r)
 
-    live = Liveness(1.0, dp_size=2, clock=Clock(), then=then)
+    live = Liveness(1.0, dp_size=2, clock=FakeClock(), then=then)
     await live.on_report(bad)
     assert live.live_ranks() == [] and forwarded == [] and live.ignored == 1
     good = load(1)
@@ -155,7 +148,7 @@ async def test_liveness_ignores_nonsense_and_out_of_range_reports(bad: LoadRepor
 
 
 async def test_liveness_follows_the_live_instance_of_each_rank() -> None:
-    clock = Clock()
+    clock = FakeClock()
     forwarded: list[LoadReport] = []
 
     async def then(r: LoadReport) -> None:
