@@ -35,7 +35,8 @@ SCHEDULE_POLICIES = ("fcfs", "lpm")
 
 # `--help` sections, in order: title -> what the section covers.
 GROUPS = {
-    "model": "what is served, where (HTTP host and port) and how it computes",
+    "model": "what is served and how it computes",
+    "server": "the gateway's HTTP address and every service's log",
     "parallelism": "SGLang's DP/TP layout; `serve` sets the per-rank flags for its children",
     "scheduling": "each rank's batch, KV cache and queue limits",
     "load balancing": "how the dispatcher picks a DP rank for a request",
@@ -69,9 +70,10 @@ class ServerArgs:
                                  "torch elsewhere", "model", choices=ATTENTION_BACKENDS)
     torch_threads: int = arg(0, "CPU threads per scheduler process; 0: serve divides the cores among its "
                              "ranks, a service started alone keeps torch's default", "model")
-    host: str = arg("127.0.0.1", "The host of the HTTP server", "model")
-    port: int = arg(30000, "The port of the HTTP server", "model")
-    log_level: str = arg("info", "The logging level of all services (debug, info, warning, error)", "model")
+    # server
+    host: str = arg("127.0.0.1", "The host of the HTTP server", "server")
+    port: int = arg(30000, "The port of the HTTP server", "server")
+    log_level: str = arg("info", "The logging level of all services (debug, info, warning, error)", "server")
     # parallelism
     dp_size: int = arg(1, "The data parallelism size: scheduler replicas (DP ranks)", "parallelism")
     tp_size: int = arg(1, "The tensor parallelism size: ranks per replica, or in total with "
