@@ -1,30 +1,28 @@
 """The serving engine of one DP rank: one step = schedule -> forward -> update.
 
 A thin loop over small managers: `CacheManager` (KV slots, req-to-token table, radix prefix
-cache), `PrefillManager` (waiting queue, policy, chunked prefill, token budget) and
-`DecodeManager` (running batch, retraction). `schedule` and `update` run on the service's event
-loop and own all request state; `forward` runs the model and the sampler in a worker thread and
-only reads it. Each step feeds one token for every running request plus prompt chunks of
+cache), `PrefillManager` (waiting queue, policy, chunked prefill, token budget),
+`DecodeManager` (running batch, retraction) and `ModelRunner` (the batch, the model, the
+sampler). `schedule` and `update` run on the service's event loop and own all request state;
+`forward` runs the model and the sampler in a worker thread and only reads it. Each step feeds one token for every running request plus prompt chunks of
 waiting ones, in one mixed forward; a request emits a token when its feed reaches seq_len.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
 
 from services.scheduler.cache import CacheManager
 from services.scheduler.decode import DecodeManager
-from services.scheduler.logprobs import Pair, input_positions, token_logprob, top_logprobs
-from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.kv_pool import KVPool
 from services.scheduler.prefill import PrefillConfig, PrefillManager
 from services.scheduler.request import Req
-from services.scheduler.sampler import Sampled, sample
+from services.scheduler.runner import ModelRunner, StepPlan, StepResult
 from services.scheduler.table import ReqToTokenTable
 from shared.messages import DETOK_CONTEXT, FinishReason, TokenOutput
 
@@ -72,21 +70,6 @@ class EngineConfig:
 
 
 @dataclass
-class StepPlan:
-    reqs: list[Req]  # batch order: running requests, then prefill chunks
-    batch: ForwardBatch
-    # per row: hidden-state indices whose logits give prompt-token logprobs, and those tokens
-    input_lp: list[tuple[list[int], list[int]]] = field(default_factory=list)
-
-
-@dataclass
-class StepResult:
-    sampled: Sampled  # rows of the requests that emit, in plan order
-    input_lp: list[list[Pair]]  # per plan row
-    input_top: list[list[list[Pair]]]
-
-
-@dataclass
 class StepOutcome:
     """What one step did, for the loop that drives the engine."""
 
@@ -102,7 +85,6 @@ class StepOutcome:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, pool: KVPool, tokenizer: Tokenizer, cfg: EngineConfig) -> None:
-        self.model = model
         self.pool = pool
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -118,6 +100,7 @@ class Engine:
             self.cache,
         )
         self.decode = DecodeManager(self.cache)
+        self.runner = ModelRunner(model, pool, self.table, cfg.eos_token_ids)
         self.finished_early: list[Req] = []  # ended outside a step (abort, rejected); reported next update
 
     # --- state the service reads ----------------------------------------------------------
@@ -228,77 +211,16 @@ class Engine:
         reqs += self.prefill.schedule(len(reqs), self.decode.reserve(), self.decode.new_token_ratio)
         if not reqs:
             return None
-        return self._build_plan(reqs)
+        return self.runner.plan(reqs)
 
-    def _build_plan(self, reqs: list[Req]) -> StepPlan:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        locs: list[torch.Tensor] = []
-        input_lp: list[tuple[list[int], list[int]]] = []
-        offset = 0
-        for req in reqs:
-            a, b = req.cached_len, req.cached_len + req.extend_now
-            input_ids += req.all_ids[a:b]
-            positions += range(a, b)
-            locs.append(self.table.slots[req.row, a:b])
-            idx: list[int] = []
-            toks: list[int] = []
-            if req.return_logprob:
-                have = len(req.input_logprobs) or (1 if req.input_logprob_start == 0 else 0)
-                for i in input_positions(req.input_logprob_start, a, b, len(req.input_ids), have):
-                    idx.append(offset + (i - 1 - a))
-                    toks.append(req.input_ids[i])
-            input_lp.append((idx, toks))
-            offset += b - a
-        batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            out_cache_loc=torch.cat(locs),
-            extend_lens=[r.extend_now for r in reqs],
-            seq_lens=[r.cached_len + r.extend_now for r in reqs],
-            kv_indices=[self.table.slots[r.row, : r.cached_len + r.extend_now] for r in reqs],
-            kv_pool=self.pool,
-        )
-        return StepPlan(reqs, batch, input_lp)
-
-    @torch.inference_mode()
     def forward(self, plan: StepPlan) -> StepResult:
-        """Runs in the worker thread: the model, then the sampler."""
-        ends = plan.batch.last_token_index().tolist()
-        emit = [i for i, r in enumerate(plan.reqs) if r.emits_now]
-        extra = [j for idx, _ in plan.input_lp for j in idx]
-        logits = self._logits(plan.batch, [ends[i] for i in emit] + extra)
-        emit_reqs = [plan.reqs[i] for i in emit]
-        sampled = sample(logits[: len(emit)], emit_reqs, [self._banned_ids(r) for r in emit_reqs])
-        result = StepResult(sampled, [], [])
-        lp = torch.log_softmax(logits[len(emit) :], dim=-1) if extra else logits[:0]
-        k = 0
-        for req, (idx, toks) in zip(plan.reqs, plan.input_lp, strict=True):
-            rows = lp[k : k + len(idx)]
-            k += len(idx)
-            result.input_lp.append([token_logprob(row, t) for row, t in zip(rows, toks, strict=True)])
-            result.input_top.append([top_logprobs(row, req.top_logprobs_num) for row in rows])
-        return result
+        """The forward thread: the model and the sampler on the plan's batch."""
+        return self.runner.forward(plan)
 
-    @torch.inference_mode()
     def forward_idle(self) -> None:
         """DP attention: this group has no tokens but another has; run the model body on an empty
         batch so this rank joins every feed-forward collective (no KV is read or written)."""
-        empty = torch.empty(0, dtype=torch.int64)
-        batch = ForwardBatch(empty, empty, empty, [], [], [], self.pool).to(self.model.lm_head.weight.device)
-        self.model.model(batch, self.model.attn_backend)
-
-    def _logits(self, batch: ForwardBatch, rows: list[int]) -> torch.Tensor:
-        """Float32 logits at the given token indices of the batch (Llama-family layout)."""
-        model = self.model
-        inner = getattr(model, "model", None)
-        if inner is None or not hasattr(model, "lm_head"):
-            assert rows == batch.last_token_index().tolist()[: len(rows)], "model gives last-token logits only"
-            return model(batch)
-        batch = batch.to(model.lm_head.weight.device)
-        hidden = inner(batch, model.attn_backend)
-        picked = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
-        return model.lm_head(inner.norm(picked)).float()
+        self.runner.forward_idle()
 
     def update(self, plan: StepPlan | None, result: StepResult | None) -> list[TokenOutput]:
         """The step's outputs: requests that ended outside it first, then what its forward sampled
@@ -338,7 +260,7 @@ class Engine:
             elif req not in self.decode.running:
                 self.decode.running.append(req)
             if req.stream or req.finished:
-                outputs.append(self._output(req))
+                outputs.append(req.take_output())
         return outputs
 
     def fail(self, plan: StepPlan, message: str) -> list[TokenOutput]:
@@ -356,17 +278,11 @@ class Engine:
         return self.drain_finished_early()
 
     def drain_finished_early(self) -> list[TokenOutput]:
-        outputs = [self._output(r) for r in self.finished_early]
+        outputs = [r.take_output() for r in self.finished_early]
         self.finished_early.clear()
         return outputs
 
     # --- helpers ------------------------------------------------------------------------------
-
-    def _banned_ids(self, req: Req) -> list[int]:
-        p = req.sampling
-        if len(req.output_ids) >= p.min_new_tokens:
-            return []
-        return list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.cfg.eos_token_ids))
 
     def _check_finish(self, req: Req, token: int) -> FinishReason | None:
         p = req.sampling
@@ -385,32 +301,3 @@ class Engine:
         if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.cfg.context_length:
             return FinishReason(type="length", length=len(req.output_ids))
         return None
-
-    def _output(self, req: Req) -> TokenOutput:
-        """The TokenOutput for what `req` generated since the last one (streamed or final)."""
-        start = req.emitted if req.stream else 0
-        context = req.output_ids[max(0, start - DETOK_CONTEXT) : start]
-        new = req.output_ids[start:]
-        req.emitted = len(req.output_ids)
-        out = TokenOutput(
-            rid=req.rid,
-            gateway_id=req.gateway_id,
-            seq=req.seq,
-            ids=context + new,
-            num_new=len(new),
-            prompt_tokens=len(req.input_ids),
-            completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens,
-            skip_special_tokens=req.sampling.skip_special_tokens,
-            stop=req.sampling.stop,
-            finish=req.finish,
-            all_ids=req.output_ids if req.finished else None,
-        )
-        if req.return_logprob:
-            first = req.seq == req.first_seq and not req.resumed
-            out.input_token_logprobs = list(req.input_logprobs) if first else None
-            out.input_top_logprobs = list(req.input_top) if first and req.top_logprobs_num else None
-            out.output_token_logprobs = req.output_logprobs[start:]
-            out.output_top_logprobs = req.output_top[start:] if req.top_logprobs_num else None
-        req.seq += 1
-        return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.scheduler.radix import Node
-from shared.messages import FinishReason, SamplingParams, TokenizedRequest
+from shared.messages import DETOK_CONTEXT, FinishReason, SamplingParams, TokenizedRequest, TokenOutput
 
 
 @dataclass(eq=False)
@@ -120,3 +120,33 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish is not None
+
+    def take_output(self) -> TokenOutput:
+        """The TokenOutput for what this request generated since the last one (streamed or final);
+        the next one continues after it."""
+        start = self.emitted if self.stream else 0
+        context = self.output_ids[max(0, start - DETOK_CONTEXT) : start]
+        new = self.output_ids[start:]
+        self.emitted = len(self.output_ids)
+        out = TokenOutput(
+            rid=self.rid,
+            gateway_id=self.gateway_id,
+            seq=self.seq,
+            ids=context + new,
+            num_new=len(new),
+            prompt_tokens=len(self.input_ids),
+            completion_tokens=len(self.output_ids),
+            cached_tokens=self.cached_tokens,
+            skip_special_tokens=self.sampling.skip_special_tokens,
+            stop=self.sampling.stop,
+            finish=self.finish,
+            all_ids=self.output_ids if self.finished else None,
+        )
+        if self.return_logprob:
+            first = self.seq == self.first_seq and not self.resumed
+            out.input_token_logprobs = list(self.input_logprobs) if first else None
+            out.input_top_logprobs = list(self.input_top) if first and self.top_logprobs_num else None
+            out.output_token_logprobs = self.output_logprobs[start:]
+            out.output_top_logprobs = self.output_top[start:] if self.top_logprobs_num else None
+        self.seq += 1
+        return out
