@@ -1,4 +1,4 @@
-from services.scheduler.worker import SchedulerService
+from services.scheduler.service import SchedulerService
 from shared.actor import main
 
 main(SchedulerService)
