@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder models: RMSNorm, rotary embedding, gated MLP.
+"""Building blocks shared by the decoder models: RMSNorm and rotary embedding (`Rotary`, which
+mla.py's DeepseekRotary also extends).
 
 RMSNorm and RotaryEmbedding compute in torch unless `use_triton()` switched them to their Triton
 kernels (services/scheduler/kernels; `--attention-backend triton`, the default on CUDA): the same
@@ -132,31 +133,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
-
-
-def pre_norm_layer(
-    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, attend: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-norm decoder layer (input_layernorm, attention, post_attention_layernorm, mlp run by
-    `layer.linears.around_mlp`) over the residual stream: returns (the MLP's output, the residual
-    before it). The previous layer's output is added to the residual inside the next norm, which
-    fuses the add on the Triton path; `residual` is None at the first layer."""
-    if residual is None:
-        residual, h = x, layer.input_layernorm(x)
-    else:
-        h, residual = layer.input_layernorm(x, residual)
-    h, residual = layer.post_attention_layernorm(attend(h), residual)
-    return layer.linears.around_mlp(h, layer.mlp), residual
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Qwen2) over a ForwardBatch.
+"""Llama-family decoder (Llama 2/3, Qwen2): GQA attention and a dense gated MLP in every layer,
+on the CausalLM skeleton of base.py.
 
 Parameter names equal Hugging Face's, so a checkpoint loads by name. Qwen2 is the same network
 with biases on q/k/v (config.attention_bias is True for it). Layers come from a `Linears` builder
@@ -13,9 +14,10 @@ import torch
 from torch import nn
 
 from services.scheduler.model.attention import AttentionBackend, TorchAttentionBackend
+from services.scheduler.model.base import CausalLM, DecoderLayer
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import ModelConfig
-from services.scheduler.model.layers import RMSNorm, RotaryEmbedding, pre_norm_layer
+from services.scheduler.model.layers import RotaryEmbedding
 from services.scheduler.model.moe import MLP
 from services.scheduler.model.parallel import Linears, fuse_linears, keep_out_of_state_dict
 
@@ -80,69 +82,21 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DecoderLayer):
+    """GQA attention, dense gated MLP."""
+
     def __init__(self, config: ModelConfig, layer_id: int, linears: Linears) -> None:
-        super().__init__()
-        self.linears = linears
-        self.self_attn = LlamaAttention(config, layer_id, linears.attn)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, linears.mlp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        batch: ForwardBatch,
-        rotary: RotaryEmbedding,
-        backend: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return pre_norm_layer(self, x, residual, lambda h: self.self_attn(h, batch, rotary, backend))
+        attn = LlamaAttention(config, layer_id, linears.attn)
+        mlp = MLP(config.hidden_size, config.intermediate_size, linears.mlp)
+        super().__init__(config, linears, attn, mlp)
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, linears: Linears) -> None:
-        super().__init__()
-        self.embed_tokens = linears.attn.embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, linears) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+class LlamaForCausalLM(CausalLM):
+    layer_class = LlamaDecoderLayer
+    backend_class = TorchAttentionBackend
 
-    def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
-        x, residual = self.embed_tokens(batch.input_ids), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, batch, self.rotary_emb, backend)
-        return x if residual is None else x + residual  # [T, hidden], before the final norm
-
-
-class LlamaForCausalLM(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        linears: Linears | None = None,
-        attn_backend: AttentionBackend | None = None,
-    ) -> None:
-        super().__init__()
-        lin = linears or Linears()
-        self.config = config
-        self.attn_backend: AttentionBackend = attn_backend or TorchAttentionBackend()
-        self.model = LlamaModel(config, lin)
-        self.lm_head = lin.attn.lm_head(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def tied_parameter_names(self) -> set[str]:
-        """Names that alias another parameter and so may be absent from a checkpoint."""
-        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Float32 logits [B, vocab] of each request's last new token."""
-        batch = batch.to(self.lm_head.weight.device)
-        hidden = self.model(batch, self.attn_backend)
-        last = hidden[batch.last_token_index()]
-        return self.lm_head(self.model.norm(last)).float()
+    def make_rotary(self, config: ModelConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

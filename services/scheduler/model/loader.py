@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import safe_open
 from torch import nn
 
+from services.scheduler.model.base import CausalLM
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.parallel import Linears, serve_linears_on_cpu
 from services.scheduler.model.registry import get_model_class
@@ -47,12 +48,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     linears: Linears | None = None,
-) -> tuple[nn.Module, ModelConfig]:
+) -> tuple[CausalLM, ModelConfig]:
     """The model in eval mode with every parameter from the checkpoint, and its config.
 
-    With `linears` (a tensor-parallel builder, e.g. dist.TPLinears; only models whose constructor
-    takes one) each parallel layer keeps its shard of the checkpoint tensor and routed experts of
-    other ranks are skipped.
+    With `linears` (a tensor-parallel builder, e.g. dist.TPLinears) each parallel layer keeps its
+    shard of the checkpoint tensor and routed experts of other ranks are skipped.
 
     Raises ValueError if a parameter is missing from the checkpoint, a checkpoint tensor has no
     parameter, or shapes disagree. Buffers (rotary inv_freq) are computed, never loaded.
@@ -64,8 +64,7 @@ def load_model(
         raise ValueError(f"no *.safetensors files in {path}")
 
     with torch.device("meta"):
-        cls = get_model_class(config.architecture)
-        model = cls(config) if linears is None else cls(config, linears)  # type: ignore[call-arg]
+        model = get_model_class(config.architecture)(config, linears)
     params = dict(model.named_parameters(remove_duplicate=False))
     # parameter name -> (its module, if that module cuts a shard from the full tensor; local name)
     shard_owner = {
@@ -75,9 +74,9 @@ def load_model(
         for p_name, _ in mod.named_parameters(recurse=False)
     }
     is_remote = getattr(linears, "is_remote", None)
-    tied: set[str] = model.tied_parameter_names() if hasattr(model, "tied_parameter_names") else set()
+    tied = model.tied_parameter_names()
     # Parameters kept in float32 whatever `dtype` is (e.g. MoE routing's score correction bias).
-    fp32: tuple[str, ...] = getattr(model, "keep_fp32_suffixes", ())
+    fp32 = model.keep_fp32_suffixes
 
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -111,8 +110,7 @@ def load_model(
     # Materialize on the target device, then load; assign=True keeps our loaded tensors.
     model = model.to_empty(device=device)
     model.load_state_dict(loaded, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     model.to(dtype=dtype)
     for name, param in model.named_parameters():
         if fp32 and name.endswith(fp32):
