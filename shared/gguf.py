@@ -21,7 +21,6 @@ ValueError that names the file and, where it applies, the tensor.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from typing import Any
 import numpy as np
 
 from shared.gguf_tokenizer import build_tokenizer
-
-log = logging.getLogger("gguf")
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
