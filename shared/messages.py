@@ -12,6 +12,8 @@ import msgspec
 from msgspec import Struct, field
 
 GREEDY_TEMPERATURE = 1e-5
+# the sampling params a model's generation_config.json may set, used where a request leaves them unset
+MODEL_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -96,6 +98,9 @@ class GenerateRequest(Struct, kw_only=True, omit_defaults=True):
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no input logprobs
     first_seq: int = 0  # > 0 when the gateway submits a lost request again (a new seq epoch)
+    # sampling params the client left unset, which the tokenizer fills from the model:
+    # MODEL_SAMPLING_DEFAULTS from generation_config.json, "max_new_tokens" with the rest of the context
+    unset_sampling: list[str] = field(default_factory=list)
 
 
 # --- tokenizer -> dispatcher -> scheduler ---------------------------------------------------
@@ -311,6 +316,30 @@ class LoadTableQuery(Struct, kw_only=True):
 class LoadTableReply(Struct, kw_only=True):
     method: str
     ranks: list[RankLoad]
+
+
+# --- gateway -> tokenizer (request/reply): SGLang's /tokenize and /detokenize -----------------
+
+
+class TokenizeQuery(Struct, kw_only=True, omit_defaults=True):
+    prompts: list[str]
+    add_special_tokens: bool = True  # the model's BOS policy (TextTokenizer.encode); False: none
+
+
+class TokenizeReply(Struct, kw_only=True, omit_defaults=True):
+    tokens: list[list[int]] = field(default_factory=list)  # one list per prompt
+    max_model_len: int = 0
+    error: str = ""  # set: the query was refused (HTTP 400)
+
+
+class DetokenizeQuery(Struct, kw_only=True, omit_defaults=True):
+    tokens: list[list[int]]
+    skip_special_tokens: bool = True
+
+
+class DetokenizeReply(Struct, kw_only=True, omit_defaults=True):
+    texts: list[str] = field(default_factory=list)  # one text per id list
+    error: str = ""  # set: the query was refused (HTTP 400)
 
 
 def encode(msg: Struct) -> bytes:

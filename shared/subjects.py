@@ -17,6 +17,14 @@ class Subjects:
         return f"{self.ns}.tokenize"
 
     @property
+    def tokenize_text(self) -> str:  # gateway -> tokenizer (request/reply, queue group): /tokenize
+        return f"{self.ns}.tokenize.text"
+
+    @property
+    def detokenize_ids(self) -> str:  # gateway -> tokenizer (request/reply, queue group): /detokenize
+        return f"{self.ns}.tokenize.ids"
+
+    @property
     def dispatch(self) -> str:  # tokenizer -> dispatcher
         return f"{self.ns}.dispatch"
 

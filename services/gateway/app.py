@@ -19,7 +19,7 @@ from services.gateway.generate import add_generate_route
 from services.gateway.metrics import add_metrics_routes
 from services.gateway.openai import add_openai_routes
 from services.gateway.openapi import add_openapi_route
-from services.gateway.replies import MAX_BODY_BYTES, json_errors
+from services.gateway.replies import MAX_BODY_BYTES, allow_any_origin, cors, json_errors
 from services.gateway.sglang_routes import add_sglang_routes
 from services.gateway.shutdown import drain_requests
 from services.gateway.state import GatewayState
@@ -30,9 +30,11 @@ from shared.metrics import MetricsSnapshot, publish_snapshots
 
 
 def build_app(state: GatewayState) -> web.Application:
-    middlewares = [json_errors] + ([api_key_middleware(state.args.api_key)] if state.args.api_key else [])
+    # CORS first: a preflight carries no API key and is answered even while draining
+    middlewares = [cors, json_errors] + ([api_key_middleware(state.args.api_key)] if state.args.api_key else [])
     middlewares = [*middlewares, state.draining.middleware()]
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    app.on_response_prepare.append(allow_any_origin)
     add_generate_route(app, state)
     add_openai_routes(app, state)
     add_sglang_routes(app, state)

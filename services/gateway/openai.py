@@ -1,5 +1,5 @@
-"""OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models` over the same pipeline as
-`/generate`.
+"""OpenAI's `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}` over the
+same pipeline as `/generate`.
 
 A body (services/gateway/openai_protocol.py) becomes one GenerateRequest per choice, all run at
 once through `GatewayState.running`; the response merges them. Every error is OpenAI's shape:
@@ -9,7 +9,8 @@ others are aborted as the handler leaves.
 Streaming follows OpenAI's chunk format: chat sends a first chunk per choice with
 `delta.role = "assistant"`, then content deltas, then a chunk with `finish_reason` and an empty
 delta; with `stream_options.include_usage` every chunk has `"usage": null` and one last chunk has
-empty `choices` and the usage. Text deltas come from the stream's `released` text, so a stop string
+empty `choices` and the usage. `finish_reason` is "stop", "length", or, for an aborted choice,
+"abort" (OpenAI has no such reason; SGLang answers it). Text deltas come from the stream's `released` text, so a stop string
 is never streamed (the gateway's hold-back, services/gateway/streams.py).
 
 A streamed chunk carries the logprobs of the tokens received since the previous chunk of its choice
@@ -87,7 +88,7 @@ class Choice:
 def finish_reason(stream: RequestStream) -> str | None:
     if stream.finish is None:
         return None
-    return stream.finish.type if stream.finish.type in ("stop", "length") else "stop"
+    return stream.finish.type if stream.finish.type in ("stop", "length", "abort") else "stop"
 
 
 def usage(choices: list[Choice]) -> dict[str, Any]:
@@ -109,14 +110,17 @@ class OpenAIRoutes:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.state.args.model_name, "object": "model", "created": self.state.created, "owned_by": "dpserve"}
+
     async def models(self, request: web.Request) -> web.Response:
-        model = {
-            "id": self.state.args.model_name,
-            "object": "model",
-            "created": self.state.created,
-            "owned_by": "dpserve",
-        }
-        return json_response({"object": "list", "data": [model]})
+        return json_response({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.state.args.model_name:
+            return openai_error(f"The model `{name}` does not exist.", 404, "model")
+        return json_response(self._model())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=False)
@@ -269,5 +273,6 @@ async def _any_changed(choices: list[Choice]) -> None:
 def add_openai_routes(app: web.Application, state: GatewayState) -> None:
     routes = OpenAIRoutes(state)
     app.router.add_get("/v1/models", routes.models)
+    app.router.add_get("/v1/models/{model:.+}", routes.model)  # ids may hold a slash: org/name
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)

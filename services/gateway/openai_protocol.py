@@ -1,6 +1,16 @@
 """OpenAI request bodies: strict decoding, validation, and the GenerateRequests a body becomes.
 
-Bodies decode strictly (msgspec): an unknown or mistyped field is an `OpenAIError` (400) naming it.
+Bodies decode as OpenAI reads them: `null` means the field's default (null fields are dropped
+before decoding), unknown fields are ignored (as SGLang does), and a mistyped or out-of-range field
+is an `OpenAIError` (400) naming it. Fields OpenAI has that dpserve does not implement (`tools`,
+`tool_choice`, `response_format`, `logit_bias`, `best_of` other than 1 or n, `suffix`) are refused
+with a 400 naming them when set to anything but their default; fields without effect here (`user`,
+`store`, `metadata`, `service_tier`, `parallel_tool_calls`, ...) are accepted and ignored.
+
+Sampling parameters the body leaves unset are named in `GenerateRequest.unset_sampling`: the
+tokenizer, which has the model directory, fills temperature / top_p / top_k / min_p /
+repetition_penalty from the model's generation_config.json and, for chat, max_new_tokens with the
+rest of the context (services/tokenizer/validate.py).
 A body becomes `len(prompts) × n` GenerateRequests (choice index = prompt_index * n + j), each its
 own rid `{id}-{index}`; with a `seed`, choice i samples with `seed + i` (distinct but reproducible).
 Chat requests carry their messages to the tokenizer, which renders the model's chat template.
@@ -22,7 +32,7 @@ from msgspec import Struct
 
 from services.gateway.openai_logprobs import MAX_TOP_LOGPROBS
 from services.gateway.protocol import InvalidRequest, check_encodable
-from shared.messages import ChatMessage, GenerateRequest, SamplingParams
+from shared.messages import MODEL_SAMPLING_DEFAULTS, ChatMessage, GenerateRequest, SamplingParams
 
 MAX_N = 64
 
@@ -33,7 +43,7 @@ class OpenAIError(Exception):
         self.message, self.status, self.param = message, status, param
 
 
-class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
+class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -43,20 +53,21 @@ class ContentPart(Struct, kw_only=True):
     text: str | None = None
 
 
-class ChatMessageBody(Struct, kw_only=True, forbid_unknown_fields=True):
+class ChatMessageBody(Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
-class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
+class _Common(Struct, kw_only=True):
     """Fields both endpoints share: OpenAI's, then SGLang's extensions."""
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the model's default (generation_config.json), else 1
+    top_p: float | None = None
     n: int = 1
+    best_of: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -65,10 +76,21 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     frequency_penalty: float = 0.0
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # accepted, without effect here
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    # not implemented: refused unless default
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     # SGLang / vLLM extensions
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -76,14 +98,14 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     rid: str | None = None
 
 
-class CompletionBody(_Common, kw_only=True, forbid_unknown_fields=True):
+class CompletionBody(_Common, kw_only=True):
     prompt: str | list[str | int | list[int]]  # a text, ids, or a batch of texts / id lists
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
 
 
-class ChatBody(_Common, kw_only=True, forbid_unknown_fields=True):
+class ChatBody(_Common, kw_only=True):
     messages: list[ChatMessageBody]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -95,39 +117,73 @@ Prompt = str | list[int] | list[ChatMessage]
 
 def decode_body(raw: bytes, kind: type[Any]) -> Any:
     try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as e:
-        raise OpenAIError(f"invalid request: {e}") from None
+        data = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise OpenAIError(f"body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError("the body must be a JSON object")
+    try:
+        return msgspec.convert(_without_nulls(data), type=kind)
+    except msgspec.ValidationError as e:
+        raise OpenAIError(f"invalid request: {e}") from None
 
 
-def sampling_of(body: _Common, max_tokens: int | None, default_max: int) -> SamplingParams:
+def _without_nulls(value: Any) -> Any:
+    """`null` means the default: the keys of every object whose value is null, dropped."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def check_unsupported(body: _Common) -> None:
+    """400 naming a field OpenAI has and dpserve does not implement, set to a non-default value."""
+
+    def refuse(param: str, what: str) -> OpenAIError:
+        return OpenAIError(f"{what} is not supported by this server", param=param)
+
+    if body.best_of is not None and body.best_of not in (1, body.n):
+        raise refuse("best_of", "best_of other than 1 or n")
+    if body.logit_bias:
+        raise refuse("logit_bias", "logit_bias")
+    if body.tools or body.functions:
+        raise refuse("tools" if body.tools else "functions", "tool calling")
+    for param, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
+        if choice not in (None, "none", "auto"):  # "auto" without tools calls none
+            raise refuse(param, "tool calling")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise refuse("response_format", f"response_format {body.response_format.get('type')!r}")
+
+
+def sampling_of(body: _Common, max_tokens: int | None, default_max: int | None) -> tuple[SamplingParams, list[str]]:
+    """The sampling params of `body` and the names of those it leaves unset (the tokenizer fills
+    them from the model). `default_max` None: max_new_tokens unset means the rest of the context."""
     if not 1 <= body.n <= MAX_N:
         raise OpenAIError(f"n must be between 1 and {MAX_N}", param="n")
-    if body.logit_bias:
-        raise OpenAIError("logit_bias is not supported", param="logit_bias")
+    check_unsupported(body)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    given = {k: getattr(body, k) for k in MODEL_SAMPLING_DEFAULTS if getattr(body, k) is not None}
+    unset = [k for k in MODEL_SAMPLING_DEFAULTS if k not in given]
+    if max_tokens is None and default_max is None:
+        unset.append("max_new_tokens")
+        max_tokens = max(SamplingParams().max_new_tokens, body.min_tokens)  # the tokenizer replaces it
     params = SamplingParams(
         max_new_tokens=default_max if max_tokens is None else max_tokens,
         min_new_tokens=body.min_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
-        repetition_penalty=body.repetition_penalty,
         stop=stop,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,
         seed=body.seed,
+        **given,
     )
     problem = params.problem()
     if problem is not None:
         raise OpenAIError(problem.replace("max_new_tokens", "max_tokens"))
-    return params
+    return params, unset
 
 
 def check_top(k: int, param: str) -> int:
@@ -202,7 +258,7 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
         top = check_top(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
         prompts: list[Prompt] = [chat_messages(body)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        sampling = sampling_of(body, max_tokens, SamplingParams().max_new_tokens)
+        sampling, unset = sampling_of(body, max_tokens, None)  # unset: up to the rest of the context
     else:
         body = decode_body(raw, CompletionBody)
         assert isinstance(body, CompletionBody)
@@ -210,7 +266,7 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
         if body.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
         prompts = completion_prompts(body)
-        sampling = sampling_of(body, body.max_tokens, 16)  # OpenAI's default for completions
+        sampling, unset = sampling_of(body, body.max_tokens, 16)  # OpenAI's default for completions
 
     rid = body.rid or uuid.uuid4().hex
     echo = isinstance(body, CompletionBody) and body.echo
@@ -237,6 +293,7 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
                     return_logprob=top is not None or prompt_logprobs,
                     top_logprobs_num=top or 0,
                     logprob_start_len=0 if prompt_logprobs else -1,
+                    unset_sampling=unset,
                 )
             )
     try:

@@ -6,6 +6,10 @@ Every error answer is JSON. SGLang's routes use `{"error": {"message", "type", "
 gives its own headers. aiohttp's own errors (404, 405, 413, ...) and handler crashes are answered
 in SGLang's shape by the `json_errors` middleware.
 
+CORS as SGLang's server allows it: every origin. `cors` answers a preflight (`OPTIONS`, before
+the API key check) and `allow_any_origin` puts `Access-Control-Allow-Origin: *` on every answer,
+streamed ones included (it runs as the headers go out).
+
 An event stream is `data: <json>\\n\\n` events ending with `data: [DONE]`; its headers go out only
 once the handler knows the request started well, so an early error keeps its HTTP status.
 """
@@ -94,6 +98,30 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception:
         log.exception("handler failed %s %s", request.method, request.path)
         return json_error("internal server error", 500)
+
+
+# --- CORS ------------------------------------------------------------------------------------
+
+CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+CORS_MAX_AGE_S = "600"
+
+
+@web.middleware
+async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answers a preflight: any origin, method and header may follow."""
+    if request.method != "OPTIONS":
+        return await handler(request)
+    headers = {
+        "Access-Control-Allow-Methods": CORS_METHODS,
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
+        "Access-Control-Max-Age": CORS_MAX_AGE_S,
+    }
+    return web.Response(status=200, text="OK", headers=headers)
+
+
+async def allow_any_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every answer may be read by a page of any origin."""
+    response.headers["Access-Control-Allow-Origin"] = "*"
 
 
 # --- server-sent events -----------------------------------------------------------------------

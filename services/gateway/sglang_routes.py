@@ -6,11 +6,16 @@
 - `GET /get_server_info`: the server args plus `internal_states`, one entry per DP rank seen in the
   load reports (`dp_rank`, `max_total_num_tokens`, load), which SGLang's bench client reads;
 - `GET /get_model_info`: model path and name;
-- `POST /flush_cache`: `FlushCache` to every scheduler on the control subject;
+- `GET|POST /flush_cache`: `FlushCache` to every scheduler on the control subject;
 - `POST /abort_request` `{"rid": ...}` or `{"abort_all": true}`: `Abort` for the request (and its
   OpenAI choices `{rid}-{i}`) or for every request this gateway has in progress;
 - `GET /health_generate`: a one-token generation through the whole pipeline (tokenizer,
-  dispatcher, a scheduler rank, detokenizer), 200 when it finishes, 503 otherwise.
+  dispatcher, a scheduler rank, detokenizer), 200 when it finishes, 503 otherwise;
+- `POST /tokenize` (`/v1/tokenize`) `{"prompt": text or [texts], "add_special_tokens": true}` ->
+  `{"tokens", "count", "max_model_len"}` and `POST /detokenize` (`/v1/detokenize`)
+  `{"tokens": ids or [ids], "skip_special_tokens": true}` -> `{"text"}`, as SGLang answers them:
+  the gateway has no tokenizer, so it asks a tokenizer service (request/reply); errors in
+  OpenAI's shape, 503 when no tokenizer answers.
 
 Their 503s but `/get_loads`' carry no `Retry-After`: they report a state, not an overload.
 """
@@ -27,16 +32,28 @@ import msgspec
 from aiohttp import web
 from msgspec import Struct
 
-from services.gateway.replies import json_error, json_response, timed_out
+from services.gateway.openai_protocol import OpenAIError, decode_body
+from services.gateway.replies import json_error, json_response, openai_error, timed_out
 from services.gateway.state import GatewayState, SubmitError
 from services.gateway.streams import wait_finished
 from shared.config import SECRET_FIELDS
-from shared.messages import FlushCache, GenerateRequest, LoadTableQuery, LoadTableReply, SamplingParams
+from shared.messages import (
+    DetokenizeQuery,
+    DetokenizeReply,
+    FlushCache,
+    GenerateRequest,
+    LoadTableQuery,
+    LoadTableReply,
+    SamplingParams,
+    TokenizeQuery,
+    TokenizeReply,
+)
 
 log = logging.getLogger("gateway")
 
 HEALTH_GENERATE_TIMEOUT = 20.0
 LOADS_TIMEOUT_S = 2.0
+TOKENIZE_TIMEOUT_S = 10.0
 VERSION = "0.1.0"
 NO_RETRY: dict[str, str] = {}  # the headers of a 503 that is no overload
 
@@ -44,6 +61,18 @@ NO_RETRY: dict[str, str] = {}  # the headers of a 503 that is no overload
 class AbortBody(Struct, kw_only=True, forbid_unknown_fields=True):
     rid: str = ""
     abort_all: bool = False
+
+
+class TokenizeBody(Struct, kw_only=True):
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeBody(Struct, kw_only=True):
+    tokens: list[int | list[int]]  # ids, or a list of id lists
+    skip_special_tokens: bool = True
+    model: str | None = None
 
 
 class SGLangRoutes:
@@ -161,6 +190,59 @@ class SGLangRoutes:
         return json_response({"status": "ok", "output_ids": stream.output_ids})
 
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = decode_body(await request.read(), TokenizeBody)
+        except OpenAIError as e:
+            return openai_error(e.message, e.status, e.param)
+        one = isinstance(body.prompt, str)
+        query = TokenizeQuery(prompts=[body.prompt] if one else body.prompt, add_special_tokens=body.add_special_tokens)
+        reply = await self._ask(self.state.subjects.tokenize_text, query, TokenizeReply)
+        if isinstance(reply, web.Response):
+            return reply
+        counts = [len(t) for t in reply.tokens]
+        return json_response(
+            {
+                "tokens": reply.tokens[0] if one else reply.tokens,
+                "count": counts[0] if one else counts,
+                "max_model_len": reply.max_model_len,
+            }
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = decode_body(await request.read(), DetokenizeBody)
+        except OpenAIError as e:
+            return openai_error(e.message, e.status, e.param)
+        ids = [t for t in body.tokens if isinstance(t, int)]
+        lists = [t for t in body.tokens if isinstance(t, list)]
+        if ids and lists:
+            return openai_error("tokens mixes token ids with id lists", 400, "tokens")
+        one = not lists
+        if one:
+            lists = [ids]
+        query = DetokenizeQuery(tokens=lists, skip_special_tokens=body.skip_special_tokens)
+        reply = await self._ask(self.state.subjects.detokenize_ids, query, DetokenizeReply)
+        if isinstance(reply, web.Response):
+            return reply
+        return json_response({"text": reply.texts[0] if one else reply.texts})
+
+    async def _ask(
+        self, subject: str, query: TokenizeQuery | DetokenizeQuery, kind: type[TokenizeReply] | type[DetokenizeReply]
+    ) -> TokenizeReply | DetokenizeReply | web.Response:
+        """A tokenizer service's reply, or the error answer (400 refused, 503 no answer)."""
+        if self.state.requester is None:
+            return openai_error("no tokenizer is reachable from this gateway", 503)
+        try:
+            reply = await self.state.requester.request(subject, query, kind, timeout=TOKENIZE_TIMEOUT_S)
+        except Exception as e:
+            log.warning("%s: no answer from a tokenizer: %r", subject, e)
+            return openai_error("no tokenizer answered", 503)
+        if reply.error:
+            return openai_error(reply.error, 400, "tokens")
+        return reply
+
+
 def add_sglang_routes(app: web.Application, state: GatewayState) -> None:
     routes = SGLangRoutes(state)
     app.router.add_get("/health", routes.health)
@@ -169,5 +251,9 @@ def add_sglang_routes(app: web.Application, state: GatewayState) -> None:
     app.router.add_get("/server_info", routes.server_info)
     app.router.add_get("/get_model_info", routes.model_info)
     app.router.add_post("/flush_cache", routes.flush_cache)
+    app.router.add_get("/flush_cache", routes.flush_cache, allow_head=False)
+    for prefix in ("", "/v1"):
+        app.router.add_post(f"{prefix}/tokenize", routes.tokenize)
+        app.router.add_post(f"{prefix}/detokenize", routes.detokenize)
     app.router.add_post("/abort_request", routes.abort_request)
     app.router.add_get("/health_generate", routes.health_generate)

@@ -21,6 +21,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from shared.messages import MODEL_SAMPLING_DEFAULTS
+
 
 class TextTokenizer:
     def __init__(self, model_path: str, context_length: int = 0) -> None:
@@ -29,6 +31,7 @@ class TextTokenizer:
         self.tokenizer = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
         self.config = _read_json(os.path.join(model_path, "config.json"))
         self.tokenizer_config = _read_json(os.path.join(model_path, "tokenizer_config.json"))
+        self.generation_config = _read_json(os.path.join(model_path, "generation_config.json"))
         # every id the tokenizer knows, added tokens included; valid prompt ids are [0, vocab_size)
         self.vocab_size: int = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -40,6 +43,7 @@ class TextTokenizer:
         self.context_length: int = context_length or self._model_context_length()
         self.chat_template: str | None = self._chat_template_source()
         self._template: jinja2.Template | None = None
+        self.sampling_defaults: dict[str, float | int] = self._sampling_defaults()
 
     # --- text -> ids ------------------------------------------------------------------------
 
@@ -82,8 +86,7 @@ class TextTokenizer:
     def _eos_ids(self) -> list[int]:
         """Union of config.json / generation_config.json `eos_token_id` and the eos_token's id."""
         ids: set[int] = set()
-        generation = _read_json(os.path.join(self.model_path, "generation_config.json"))
-        for value in (self.config.get("eos_token_id"), generation.get("eos_token_id")):
+        for value in (self.config.get("eos_token_id"), self.generation_config.get("eos_token_id")):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, list):
@@ -92,6 +95,18 @@ class TextTokenizer:
         if eos is not None:
             ids.add(eos)
         return sorted(ids)
+
+    def _sampling_defaults(self) -> dict[str, float | int]:
+        """generation_config.json's temperature / top_p / top_k / min_p / repetition_penalty, for
+        requests that leave them unset (as SGLang's `--sampling-defaults model`); HF's top_k 0
+        (disabled) is our -1."""
+        out: dict[str, float | int] = {}
+        for key in MODEL_SAMPLING_DEFAULTS:
+            value = self.generation_config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            out[key] = (int(value) or -1) if key == "top_k" else float(value)
+        return out
 
     def _add_bos(self) -> bool:
         if self.bos_token_id is None:

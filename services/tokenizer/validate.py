@@ -1,4 +1,8 @@
-"""GenerateRequest -> TokenizedRequest, or the RequestError (HTTP 400) that rejects it. Pure."""
+"""GenerateRequest -> TokenizedRequest, or the RequestError (HTTP 400) that rejects it. Pure.
+
+Sampling params the request names in `unset_sampling` are filled here, where the model is known:
+generation_config.json's defaults, and max_new_tokens = the rest of the context.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,14 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     def reject(message: str) -> RequestError:
         return RequestError(rid=req.rid, message=message, status=400)
 
-    problem = req.sampling.problem()
+    sampling = req.sampling
+    defaults = {k: v for k, v in tok.sampling_defaults.items() if k in req.unset_sampling}
+    if defaults:
+        sampling = msgspec.structs.replace(sampling, **defaults)
+    problem = sampling.problem()
     if problem is not None:
         return reject(problem)
-    bad_stop = next((t for t in req.sampling.stop_token_ids if t >= tok.vocab_size), None)
+    bad_stop = next((t for t in sampling.stop_token_ids if t >= tok.vocab_size), None)
     if bad_stop is not None:
         return reject(f"stop_token_ids contains token id {bad_stop}, outside the vocabulary [0, {tok.vocab_size}).")
     if req.top_logprobs_num < 0 or req.logprob_start_len < -1:
@@ -51,11 +59,16 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     if not ids:
         return reject("The input prompt is empty.")
 
-    n_input, n_new, limit = len(ids), req.sampling.max_new_tokens, tok.context_length
+    n_input, n_new, limit = len(ids), sampling.max_new_tokens, tok.context_length
     if n_input > limit:
         return reject(
             f"The input ({n_input} tokens) is longer than the model's context length ({limit} tokens)."
         )
+    if "max_new_tokens" in req.unset_sampling:  # up to the rest of the context
+        n_new = limit - n_input
+        if n_new < sampling.min_new_tokens:
+            n_new = sampling.min_new_tokens  # rejected below: the input leaves too little room
+        sampling = msgspec.structs.replace(sampling, max_new_tokens=n_new)
     if n_input + n_new > limit:
         return reject(
             f"Requested token count exceeds the model's maximum context length of {limit} tokens. "
@@ -68,7 +81,7 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
         rid=req.rid,
         gateway_id=req.gateway_id,
         input_ids=list(ids),
-        sampling=req.sampling,
+        sampling=sampling,
         stream=req.stream,
         routed_dp_rank=req.routed_dp_rank,
         created=req.created,

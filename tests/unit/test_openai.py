@@ -107,7 +107,7 @@ async def test_completion_token_prompt_and_default_max_tokens(gw: Harness) -> No
             "top_logprobs must be between 0 and 20",
         ),
         ("/v1/completions", {"prompt": "a", "n": 0}, "n must be"),
-        ("/v1/completions", {"prompt": "a", "bogus": 1}, "bogus"),
+        ("/v1/completions", {"prompt": "a", "best_of": 3}, "best_of"),  # unknown fields are ignored
         ("/v1/completions", {"prompt": "a", "temperature": "hot"}, "temperature"),
         ("/v1/completions", {"prompt": ""}, "empty"),
         ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),

@@ -1,0 +1,315 @@
+"""OpenAI compatibility of the gateway: OpenAI's fields as OpenAI reads them (null means the
+default, unknown fields ignored, unimplemented features refused by name), the model's sampling
+defaults and the rest of the context as chat's max_tokens (filled by the tokenizer), `finish_reason`
+"abort", `/v1/models/{id}`, `GET /flush_cache`, CORS, and `/tokenize` / `/detokenize` over the
+tokenizer's request/reply subjects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.tokenizer.service import detokenize_query, tokenize_query
+from services.tokenizer.tokenize import TextTokenizer
+from services.tokenizer.validate import validate
+from shared.messages import (
+    ChatMessage,
+    DetokenizeQuery,
+    FlushCache,
+    GenerateRequest,
+    SamplingParams,
+    TokenizedRequest,
+    TokenizeQuery,
+)
+from shared.subjects import Subjects
+from tests.unit.test_gateway import Harness, make_gateway, read_sse  # noqa: F401 (fixture)
+from tests.unit.test_openai import feed, out, published
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def gw(make_gateway: Callable[..., Any]) -> AsyncIterator[Harness]:  # noqa: F811
+    yield await make_gateway()
+
+
+def assert_openai_error(body: dict[str, Any], status: int, param: str | None = None, contains: str = "") -> None:
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status, err
+    assert err["param"] == param, err
+    assert contains in err["message"], err
+
+
+# --- OpenAI's fields ----------------------------------------------------------------------------
+
+
+async def test_openai_fields_nulls_and_unknown_fields_are_accepted(gw: Harness) -> None:
+    body = {
+        "messages": MESSAGES,
+        "rid": "x",
+        "n": 2,
+        "best_of": 2,
+        "user": "u-1",
+        "service_tier": "auto",
+        "store": False,
+        "metadata": {"team": "a"},
+        "seed": 3,
+        "stream_options": None,
+        "parallel_tool_calls": True,
+        "logit_bias": {},
+        "tools": None,
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "temperature": None,
+        "top_p": None,
+        "stop": None,
+        "presence_penalty": None,
+        "logprobs": None,
+        "some_future_field": {"x": 1},
+    }
+    task = asyncio.create_task(gw.client.post(CHAT, json=body))
+    reqs = await published(gw, 2)
+    assert [r.sampling.seed for r in reqs] == [3, 4]
+    assert reqs[0].sampling.temperature == 1.0 and reqs[0].sampling.top_p == 1.0  # placeholders
+    assert set(reqs[0].unset_sampling) == {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                           "max_new_tokens"}
+    feed(gw, out("x-0", 0, "a", [4], "stop"), out("x-1", 0, "b", [5], "stop"))
+    resp = await task
+    assert resp.status == 200, await resp.text()
+    assert [c["message"]["content"] for c in (await resp.json())["choices"]] == ["a", "b"]
+
+
+async def test_given_sampling_params_are_not_left_to_the_model(gw: Harness) -> None:
+    body = {"messages": MESSAGES, "temperature": 0.5, "top_k": 4, "max_completion_tokens": 9, "rid": "g"}
+    task = asyncio.create_task(gw.client.post(CHAT, json=body))
+    (req,) = await published(gw, 1)
+    assert req.sampling.temperature == 0.5 and req.sampling.top_k == 4 and req.sampling.max_new_tokens == 9
+    assert set(req.unset_sampling) == {"top_p", "min_p", "repetition_penalty"}
+    feed(gw, out("g-0", 0, "a", [4], "length"))
+    assert (await task).status == 200
+
+
+async def test_completions_keep_openai_default_of_16_tokens(gw: Harness) -> None:
+    task = asyncio.create_task(gw.client.post("/v1/completions", json={"prompt": "a", "max_tokens": None}))
+    (req,) = await published(gw, 1)
+    assert req.sampling.max_new_tokens == 16 and "max_new_tokens" not in req.unset_sampling
+    feed(gw, out(req.rid, 0, "x", [9], "length"))
+    assert (await task).status == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, "response_format"),
+    ],
+)
+async def test_unimplemented_features_are_refused_by_name(gw: Harness, extra: dict[str, Any], param: str) -> None:
+    resp = await gw.client.post(CHAT, json={"messages": MESSAGES} | extra)
+    assert resp.status == 400
+    assert_openai_error(await resp.json(), 400, param, "not supported")
+    assert not gw.bus.of(GenerateRequest)
+
+
+@pytest.mark.parametrize(
+    ("body", "contains"),
+    [
+        ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+        ({"messages": MESSAGES, "user": 5}, "user"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ([1, 2], "JSON object"),
+    ],
+)
+async def test_field_validation_errors_stay_400_in_openai_shape(gw: Harness, body: Any, contains: str) -> None:
+    resp = await gw.client.post(CHAT, json=body)
+    assert resp.status == 400
+    assert_openai_error(await resp.json(), 400, None, contains)
+
+
+# --- the tokenizer fills what the request left unset -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_with_defaults(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> TextTokenizer:
+    d = tmp_path_factory.mktemp("gen-defaults")
+    for f in tiny_model.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, d / f.name)
+    config = json.loads((d / "generation_config.json").read_text())
+    config |= {"temperature": 0.6, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}
+    (d / "generation_config.json").write_text(json.dumps(config))
+    return TextTokenizer(str(d))
+
+
+def test_tokenizer_reads_sampling_defaults(tok_with_defaults: TextTokenizer) -> None:
+    assert tok_with_defaults.sampling_defaults == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": -1,  # HF's 0: disabled
+        "repetition_penalty": 1.1,
+    }
+
+
+def test_validate_fills_only_unset_params_and_the_rest_of_the_context(tok_with_defaults: TextTokenizer) -> None:
+    req = GenerateRequest(
+        rid="r",
+        gateway_id="g",
+        messages=[ChatMessage(role="user", content="hello")],
+        sampling=SamplingParams(temperature=0.2, max_new_tokens=128),
+        unset_sampling=["top_p", "top_k", "min_p", "max_new_tokens"],
+    )
+    got = validate(req, tok_with_defaults)
+    assert isinstance(got, TokenizedRequest)
+    s = got.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (0.2, 0.9, -1, 0.0, 1.0)
+    assert s.max_new_tokens == tok_with_defaults.context_length - len(got.input_ids)
+
+
+def test_validate_keeps_given_params_when_nothing_is_unset(tok_with_defaults: TextTokenizer) -> None:
+    req = GenerateRequest(rid="r", gateway_id="g", text="hello", sampling=SamplingParams(max_new_tokens=5))
+    got = validate(req, tok_with_defaults)
+    assert isinstance(got, TokenizedRequest)
+    assert got.sampling == SamplingParams(max_new_tokens=5)
+
+
+def test_validate_rejects_min_tokens_beyond_the_rest_of_the_context(tok_with_defaults: TextTokenizer) -> None:
+    n = tok_with_defaults.context_length
+    req = GenerateRequest(
+        rid="r",
+        gateway_id="g",
+        input_ids=[5] * (n - 2),
+        sampling=SamplingParams(min_new_tokens=4, max_new_tokens=128),
+        unset_sampling=["max_new_tokens"],
+    )
+    got = validate(req, tok_with_defaults)
+    assert not isinstance(got, TokenizedRequest) and "maximum context length" in got.message
+
+
+# --- finish_reason "abort" ---------------------------------------------------------------------
+
+
+async def test_an_aborted_choice_reports_abort(gw: Harness) -> None:
+    task = asyncio.create_task(gw.client.post("/v1/completions", json={"prompt": "a", "rid": "ab"}))
+    await published(gw, 1)
+    feed(gw, out("ab-0", 0, "x", [4], "abort"))
+    assert (await (await task).json())["choices"][0]["finish_reason"] == "abort"
+
+
+async def test_an_aborted_streamed_choice_reports_abort(gw: Harness) -> None:
+    body = {"messages": MESSAGES, "rid": "sa", "stream": True}
+    task = asyncio.create_task(gw.client.post(CHAT, json=body))
+    await published(gw, 1)
+    feed(gw, out("sa-0", 0, "x", [4], "abort"))
+    events = await read_sse(await task)
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1]][-1] == "abort"
+
+
+# --- /v1/models/{id}, GET /flush_cache, CORS ----------------------------------------------------
+
+
+async def test_model_by_id(make_gateway: Callable[..., Any]) -> None:  # noqa: F811
+    gw = await make_gateway(served_model_name="org/tiny")
+    resp = await gw.client.get("/v1/models/org/tiny")
+    assert resp.status == 200
+    assert (await resp.json()) | {"created": 0} == {"id": "org/tiny", "object": "model", "created": 0,
+                                                    "owned_by": "dpserve"}
+    resp = await gw.client.get("/v1/models/other")
+    assert resp.status == 404
+    assert_openai_error(await resp.json(), 404, "model", "other")
+
+
+async def test_flush_cache_answers_get_too(gw: Harness) -> None:
+    resp = await gw.client.get("/flush_cache")
+    assert resp.status == 200
+    assert len(gw.bus.of(FlushCache)) == 1
+
+
+async def test_cors_preflight_needs_no_api_key_and_every_answer_allows_any_origin(
+    make_gateway: Callable[..., Any],  # noqa: F811
+) -> None:
+    gw = await make_gateway(api_key="secret")
+    headers = {
+        "Origin": "http://page.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    resp = await gw.client.options(CHAT, headers=headers)
+    assert resp.status == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+    assert resp.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    refused = await gw.client.get("/v1/models", headers={"Origin": "http://page.example"})
+    assert refused.status == 401 and refused.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_cors_header_on_a_stream(gw: Harness) -> None:
+    task = asyncio.create_task(gw.client.post(CHAT, json={"messages": MESSAGES, "rid": "c", "stream": True}))
+    await published(gw, 1)
+    feed(gw, out("c-0", 0, "x", [4], "stop"))
+    resp = await task
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    await read_sse(resp)
+
+
+# --- /tokenize, /detokenize ---------------------------------------------------------------------
+
+
+class TokenizerRequester:
+    """The tokenizer service's request/reply handlers, answered in process."""
+
+    def __init__(self, tok: TextTokenizer) -> None:
+        self.tok, self.subjects = tok, Subjects()
+
+    async def request(self, subject: str, msg: Any, kind: type, timeout: float) -> Any:
+        if subject == self.subjects.tokenize_text:
+            assert isinstance(msg, TokenizeQuery)
+            return tokenize_query(msg, self.tok)
+        assert subject == self.subjects.detokenize_ids and isinstance(msg, DetokenizeQuery)
+        return detokenize_query(msg, self.tok)
+
+
+@pytest.fixture
+async def tgw(make_gateway: Callable[..., Any], tiny_model: Path) -> Harness:  # noqa: F811
+    return await make_gateway(requester=TokenizerRequester(TextTokenizer(str(tiny_model))))
+
+
+async def test_tokenize_and_detokenize_round_trip(tgw: Harness, tiny_model: Path) -> None:
+    tok = TextTokenizer(str(tiny_model))
+    resp = await tgw.client.post("/tokenize", json={"prompt": "hello world", "model": "m"})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body == {"tokens": tok.encode("hello world"), "count": len(tok.encode("hello world")),
+                    "max_model_len": tok.context_length}
+    resp = await tgw.client.post("/v1/tokenize", json={"prompt": ["a", "b c"], "add_special_tokens": False})
+    many = await resp.json()
+    assert many["count"] == [len(t) for t in many["tokens"]] and len(many["tokens"]) == 2
+    resp = await tgw.client.post("/detokenize", json={"tokens": body["tokens"]})
+    assert (await resp.json()) == {"text": tok.decode(body["tokens"])}
+    resp = await tgw.client.post("/v1/detokenize", json={"tokens": many["tokens"]})
+    assert (await resp.json())["text"] == [tok.decode(t) for t in many["tokens"]]
+
+
+async def test_detokenize_refuses_ids_outside_the_vocabulary(tgw: Harness) -> None:
+    resp = await tgw.client.post("/detokenize", json={"tokens": [1, 10**9]})
+    assert resp.status == 400
+    assert_openai_error(await resp.json(), 400, "tokens", "outside the vocabulary")
+
+
+async def test_tokenize_without_a_tokenizer_is_503(gw: Harness) -> None:
+    resp = await gw.client.post("/tokenize", json={"prompt": "a"})
+    assert resp.status == 503
+    resp = await gw.client.post("/tokenize", json={"text": "a"})
+    assert resp.status == 400
