@@ -33,6 +33,7 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
 
     def problem(self) -> str | None:
         """Returns what is wrong with these parameters, or None."""
@@ -64,6 +65,8 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
             return "stop strings must not be empty"
         if any(t < 0 for t in self.stop_token_ids):
             return "stop_token_ids must be >= 0"
+        if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias.items()):  # NaN fails too
+            return "logit_bias maps token ids >= 0 to biases in [-100, 100]"
         return None
 
     @property

@@ -3,7 +3,7 @@
 Bodies decode as OpenAI reads them: `null` means the field's default (null fields are dropped
 before decoding), unknown fields are ignored (as SGLang does), and a mistyped or out-of-range field
 is an `OpenAIError` (400) naming it. Fields OpenAI has that dpserve does not implement (`tools`,
-`tool_choice`, `response_format`, `logit_bias`, `best_of` other than 1 or n, `suffix`) are refused
+`tool_choice`, `response_format`, `best_of` other than 1 or n, `suffix`) are refused
 with a 400 naming them when set to anything but their default; fields without effect here (`user`,
 `store`, `metadata`, `service_tier`, `parallel_tool_calls`, ...) are accepted and ignored.
 
@@ -145,8 +145,6 @@ def check_unsupported(body: _Common) -> None:
 
     if body.best_of is not None and body.best_of not in (1, body.n):
         raise refuse("best_of", "best_of other than 1 or n")
-    if body.logit_bias:
-        raise refuse("logit_bias", "logit_bias")
     if body.tools or body.functions:
         raise refuse("tools" if body.tools else "functions", "tool calling")
     for param, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
@@ -163,6 +161,11 @@ def sampling_of(body: _Common, max_tokens: int | None, default_max: int | None) 
         raise OpenAIError(f"n must be between 1 and {MAX_N}", param="n")
     check_unsupported(body)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():  # OpenAI's keys: token ids as strings
+        if not key.isdigit():
+            raise OpenAIError(f"logit_bias keys must be token ids, not {key!r}", param="logit_bias")
+        bias[int(key)] = value
     given = {k: getattr(body, k) for k in MODEL_SAMPLING_DEFAULTS if getattr(body, k) is not None}
     unset = [k for k in MODEL_SAMPLING_DEFAULTS if k not in given]
     if max_tokens is None and default_max is None:
@@ -178,11 +181,13 @@ def sampling_of(body: _Common, max_tokens: int | None, default_max: int | None) 
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,
         seed=body.seed,
+        logit_bias=bias,
         **given,
     )
     problem = params.problem()
     if problem is not None:
-        raise OpenAIError(problem.replace("max_new_tokens", "max_tokens"))
+        param = "logit_bias" if problem.startswith("logit_bias") else None
+        raise OpenAIError(problem.replace("max_new_tokens", "max_tokens"), param=param)
     return params, unset
 
 

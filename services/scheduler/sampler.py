@@ -1,7 +1,7 @@
 """Sampling, per request in one batch.
 
-Row i: penalties (penalties.py) -> ban stop/EOS ids before min_new_tokens -> greedy argmax, or
-temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own generator
+Row i: penalties (penalties.py) -> logit_bias -> ban stop/EOS ids before min_new_tokens -> greedy
+argmax, or temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own generator
 (a seeded request draws the same numbers whatever else is in the batch).
 """
 
@@ -30,6 +30,8 @@ def sample(logits: torch.Tensor, reqs: list[Req], banned: list[list[int]]) -> Sa
     for i, req in enumerate(reqs):
         if needs_penalties(req):
             logits[i] = apply_penalties(logits[i], req)
+        if req.sampling.logit_bias:
+            _add_bias(logits[i], req.sampling.logit_bias)
         if banned[i]:
             logits[i, banned[i]] = float("-inf")
     tokens = logits.argmax(dim=-1).tolist() if len(reqs) else []
@@ -46,6 +48,13 @@ def sample(logits: torch.Tensor, reqs: list[Req], banned: list[list[int]]) -> Sa
             out.logprobs.append(None)
             out.top.append([])
     return out
+
+
+def _add_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    """OpenAI's logit_bias, in place; ids were checked against the tokenizer's vocabulary, and one
+    beyond the model's (a tokenizer with more added tokens than the model has rows) is skipped."""
+    ids = [t for t in bias if t < row.numel()]
+    row[ids] += torch.tensor([bias[t] for t in ids], dtype=row.dtype, device=row.device)
 
 
 def _sample_row(logits: torch.Tensor, req: Req) -> int:

@@ -30,6 +30,9 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     bad_stop = next((t for t in sampling.stop_token_ids if t >= tok.vocab_size), None)
     if bad_stop is not None:
         return reject(f"stop_token_ids contains token id {bad_stop}, outside the vocabulary [0, {tok.vocab_size}).")
+    bad_bias = next((t for t in sampling.logit_bias if t >= tok.vocab_size), None)
+    if bad_bias is not None:
+        return reject(f"logit_bias contains token id {bad_bias}, outside the vocabulary [0, {tok.vocab_size}).")
     if req.top_logprobs_num < 0 or req.logprob_start_len < -1:
         return reject("top_logprobs_num must be >= 0 and logprob_start_len >= -1")
 

@@ -1,6 +1,6 @@
 """OpenAI / SGLang compatibility routes on a real `dpserve serve` of the tiny model: /tokenize and
 /detokenize through the tokenizer service, CORS, /v1/models/{id}, chat without max_tokens (up to
-the rest of the context), and the official client sending OpenAI's extra fields."""
+the rest of the context), logit_bias, and the official client sending OpenAI's extra fields."""
 
 from __future__ import annotations
 
@@ -54,6 +54,15 @@ def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server: Any) ->
     assert status == 200, out
     assert out["choices"][0]["finish_reason"] == "length"
     assert out["usage"]["total_tokens"] == CONTEXT  # not the 128 a /generate default would ask
+
+
+def test_logit_bias_forces_a_token(server: Any, tiny_model: Path) -> None:
+    tok = TextTokenizer(str(tiny_model), CONTEXT)
+    (t,) = tok.tokenizer.encode("a", add_special_tokens=False).ids
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 0, "logit_bias": {str(t): 100}}
+    status, out = post(server.url + "/v1/completions", body)
+    assert status == 200, out
+    assert out["choices"][0]["text"] == tok.decode([t, t, t])
 
 
 def test_openai_client_with_extra_fields(server: Any) -> None:

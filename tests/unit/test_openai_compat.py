@@ -1,5 +1,6 @@
 """OpenAI compatibility of the gateway: OpenAI's fields as OpenAI reads them (null means the
-default, unknown fields ignored, unimplemented features refused by name), the model's sampling
+default, unknown fields ignored, unimplemented features refused by name, logit_bias down to the
+sampler), the model's sampling
 defaults and the rest of the context as chat's max_tokens (filled by the tokenizer), `finish_reason`
 "abort", `/v1/models/{id}`, `GET /flush_cache`, CORS, and `/tokenize` / `/detokenize` over the
 tokenizer's request/reply subjects."""
@@ -14,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from services.scheduler.request import Req
+from services.scheduler.sampler import sample
 from services.tokenizer.service import detokenize_query, tokenize_query
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.validate import validate
@@ -108,7 +112,6 @@ async def test_completions_keep_openai_default_of_16_tokens(gw: Harness) -> None
     ("extra", "param"),
     [
         ({"best_of": 3}, "best_of"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
@@ -122,6 +125,37 @@ async def test_unimplemented_features_are_refused_by_name(gw: Harness, extra: di
     assert resp.status == 400
     assert_openai_error(await resp.json(), 400, param, "not supported")
     assert not gw.bus.of(GenerateRequest)
+
+
+async def test_logit_bias_reaches_the_sampler_params(gw: Harness) -> None:
+    task = asyncio.create_task(gw.client.post(CHAT, json={"messages": MESSAGES, "rid": "lb", "logit_bias": {"5": -100, "7": 2.5}}))
+    (req,) = await published(gw, 1)
+    assert req.sampling.logit_bias == {5: -100.0, 7: 2.5}
+    feed(gw, out("lb-0", 0, "a", [4], "stop"))
+    assert (await task).status == 200
+
+
+@pytest.mark.parametrize("bias", [{"a": 1}, {"-1": 1}, {"5": 101}])
+async def test_bad_logit_bias_is_400(gw: Harness, bias: dict[str, float]) -> None:
+    resp = await gw.client.post(CHAT, json={"messages": MESSAGES, "logit_bias": bias})
+    assert resp.status == 400
+    assert_openai_error(await resp.json(), 400, "logit_bias", "logit_bias")
+
+
+def test_sampler_adds_logit_bias() -> None:
+    logits = torch.zeros(2, 8)
+    logits[:, 3] = 5.0
+    reqs = [
+        Req(rid=f"r{i}", gateway_id="g", input_ids=[1], sampling=SamplingParams(temperature=0.0, logit_bias=b))
+        for i, b in enumerate([{3: -100.0, 6: 1.0, 99: 100.0}, {}])
+    ]
+    assert sample(logits, reqs, [[], []]).tokens == [6, 3]  # id 99 is beyond this model's rows: skipped
+
+
+def test_validate_refuses_logit_bias_outside_the_vocabulary(tok_with_defaults: TextTokenizer) -> None:
+    sampling = SamplingParams(logit_bias={tok_with_defaults.vocab_size: 1.0})
+    got = validate(GenerateRequest(rid="r", gateway_id="g", text="a", sampling=sampling), tok_with_defaults)
+    assert not isinstance(got, TokenizedRequest) and "logit_bias" in got.message
 
 
 @pytest.mark.parametrize(
