@@ -63,7 +63,7 @@ class AbortBody(Struct, kw_only=True, forbid_unknown_fields=True):
     abort_all: bool = False
 
 
-class TokenizeBody(Struct, kw_only=True):
+class TokenizeBody(Struct, kw_only=True):  # unknown fields ignored, as on the OpenAI routes
     prompt: str | list[str]
     add_special_tokens: bool = True
     model: str | None = None
@@ -221,6 +221,8 @@ class SGLangRoutes:
         one = not lists
         if one:
             lists = [ids]
+        if any(not 0 <= i < 2**32 for ids in lists for i in ids):  # and unencodable ones never leave
+            return openai_error("token ids must be in [0, 2**32)", 400, "tokens")
         query = DetokenizeQuery(tokens=lists, skip_special_tokens=body.skip_special_tokens)
         reply = await self._ask(self.state.subjects.detokenize_ids, query, DetokenizeReply)
         if isinstance(reply, web.Response):
