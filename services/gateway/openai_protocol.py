@@ -1,4 +1,4 @@
-"""OpenAI request bodies: strict decoding, validation, and the GenerateRequests a body becomes.
+"""OpenAI request bodies: decoding, validation, and the GenerateRequests a body becomes.
 
 Bodies decode as OpenAI reads them: `null` means the field's default (null fields are dropped
 before decoding), unknown fields are ignored (as SGLang does), and a mistyped or out-of-range field
@@ -6,11 +6,13 @@ is an `OpenAIError` (400) naming it. Fields OpenAI has that dpserve does not imp
 `tool_choice`, `response_format`, `best_of` other than 1 or n, `suffix`) are refused
 with a 400 naming them when set to anything but their default; fields without effect here (`user`,
 `store`, `metadata`, `service_tier`, `parallel_tool_calls`, ...) are accepted and ignored.
+`logit_bias` (token ids as strings -> bias in [-100, 100]) goes down to the sampler.
 
 Sampling parameters the body leaves unset are named in `GenerateRequest.unset_sampling`: the
 tokenizer, which has the model directory, fills temperature / top_p / top_k / min_p /
 repetition_penalty from the model's generation_config.json and, for chat, max_new_tokens with the
 rest of the context (services/tokenizer/validate.py).
+
 A body becomes `len(prompts) × n` GenerateRequests (choice index = prompt_index * n + j), each its
 own rid `{id}-{index}`; with a `seed`, choice i samples with `seed + i` (distinct but reproducible).
 Chat requests carry their messages to the tokenizer, which renders the model's chat template.
@@ -168,11 +170,13 @@ def sampling_of(body: _Common, max_tokens: int | None, default_max: int | None) 
         bias[int(key)] = value
     given = {k: getattr(body, k) for k in MODEL_SAMPLING_DEFAULTS if getattr(body, k) is not None}
     unset = [k for k in MODEL_SAMPLING_DEFAULTS if k not in given]
-    if max_tokens is None and default_max is None:
+    if max_tokens is None:
+        max_tokens = default_max
+    if max_tokens is None:  # up to the rest of the context: the tokenizer replaces this placeholder
         unset.append("max_new_tokens")
-        max_tokens = max(SamplingParams().max_new_tokens, body.min_tokens)  # the tokenizer replaces it
+        max_tokens = max(SamplingParams().max_new_tokens, body.min_tokens)
     params = SamplingParams(
-        max_new_tokens=default_max if max_tokens is None else max_tokens,
+        max_new_tokens=max_tokens,
         min_new_tokens=body.min_tokens,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
