@@ -48,6 +48,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "dpserve:num_requests_in_progress": ("gauge", "HTTP requests a gateway has in progress"),
     "dpserve:prompt_tokens_total": ("counter", "Prompt tokens of finished requests"),
     "dpserve:generation_tokens_total": ("counter", "Generated tokens"),
+    "dpserve:ignored_request_fields_total": (
+        "counter",
+        "Unknown /generate body fields ignored, by field name",
+    ),
     "dpserve:num_requests_total": (
         "counter",
         "Requests that ended, by finish reason (stop, length, abort, error)",

@@ -27,6 +27,7 @@ from shared.messages import LoadReport, RequestError, TextBatch
 from shared.metrics import Histogram, Sample, Snapshots, render
 
 THROUGHPUT_WINDOW = 10.0  # seconds
+MAX_IGNORED_FIELDS = 100  # distinct label values of ignored_request_fields_total
 
 
 class GatewayMetrics:
@@ -36,6 +37,7 @@ class GatewayMetrics:
         self.itl = Histogram()
         self.e2e = Histogram()
         self.finished: Counter[str] = Counter()  # finish type -> requests
+        self.ignored_fields: Counter[str] = Counter()  # unknown /generate field -> requests that sent it
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self._started: dict[str, float] = {}  # rid -> clock() when published
@@ -81,6 +83,14 @@ class GatewayMetrics:
                 self.finished[out.finish.type] += 1
                 self.forget(out.rid)
 
+    def on_ignored_fields(self, names: list[str]) -> None:
+        """Counts the unknown fields a request sent; the names are the client's, so at most
+        MAX_IGNORED_FIELDS distinct ones are kept (the rest count as "other")."""
+        for name in names:
+            key = name[:64]
+            known = key in self.ignored_fields or len(self.ignored_fields) < MAX_IGNORED_FIELDS
+            self.ignored_fields[key if known else "other"] += 1
+
     def forget(self, rid: str) -> None:
         """Stops timing `rid` without counting it."""
         self._started.pop(rid, None)
@@ -107,6 +117,10 @@ class GatewayMetrics:
         ]
         out += [
             Sample("dpserve:num_requests_total", n, {"finish": k}) for k, n in sorted(self.finished.items())
+        ]
+        out += [
+            Sample("dpserve:ignored_request_fields_total", n, {"field": k})
+            for k, n in sorted(self.ignored_fields.items())
         ]
         out += self.ttft.samples("dpserve:time_to_first_token_seconds")
         out += self.itl.samples("dpserve:inter_token_latency_seconds")
