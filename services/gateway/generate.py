@@ -22,7 +22,6 @@ from aiohttp import web
 from services.gateway.protocol import (
     GenerateCall,
     GenerateResponse,
-    InvalidRequest,
     MetaInfo,
     logprob_meta,
     parse_generate_call,
@@ -39,6 +38,7 @@ from services.gateway.replies import (
     sse_event,
     timed_out,
 )
+from services.gateway.request_body import InvalidRequest
 from services.gateway.state import GatewayState, SubmitError
 from services.gateway.streams import RequestStream, any_changed, wait_finished
 

@@ -1,12 +1,11 @@
-"""OpenAI request bodies: decoding, validation, and the GenerateRequests a body becomes.
+"""OpenAI request bodies: the GenerateRequests a `/v1/completions` or `/v1/chat/completions` body
+becomes.
 
-Bodies decode as OpenAI reads them: `null` means the field's default (null fields are dropped
-before decoding), unknown fields are ignored (as SGLang does), and a mistyped or out-of-range field
-is an `OpenAIError` (400) naming it. Fields OpenAI has that dpserve does not implement (`tools`,
-`tool_choice`, `response_format`, `best_of` other than 1 or n, `suffix`) are refused
-with a 400 naming them when set to anything but their default; fields without effect here (`user`,
-`store`, `metadata`, `service_tier`, `parallel_tool_calls`, ...) are accepted and ignored.
-`logit_bias` (token ids as strings -> bias in [-100, 100]) goes down to the sampler.
+A body decodes as OpenAI reads it (services/gateway/request_body.py): `null` means the field's
+default at any depth, unknown fields are ignored, and a mistyped or out-of-range field is an
+`OpenAIError` (400) naming it. The fields, and those refused as features dpserve lacks:
+services/gateway/openai_fields.py. `logit_bias` (token ids as strings -> bias in [-100, 100]) goes
+down to the sampler.
 
 Sampling parameters the body leaves unset are named in `GenerateRequest.unset_sampling`: the
 tokenizer, which has the model directory, fills temperature / top_p / top_k / min_p /
@@ -27,136 +26,35 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
-from msgspec import Struct
 
+from services.gateway.openai_fields import (
+    ChatBody,
+    CommonBody,
+    CompletionBody,
+    OpenAIError,
+    check_unsupported,
+)
 from services.gateway.openai_logprobs import MAX_TOP_LOGPROBS
-from services.gateway.protocol import InvalidRequest, check_encodable
+from services.gateway.request_body import InvalidRequest, check_encodable, convert, json_object, without_nulls
 from shared.messages import MODEL_SAMPLING_DEFAULTS, ChatMessage, GenerateRequest, SamplingParams
 
 MAX_N = 64
-
-
-class OpenAIError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.status, self.param = message, status, param
-
-
-class StreamOptions(Struct, kw_only=True):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class ContentPart(Struct, kw_only=True):
-    type: str
-    text: str | None = None
-
-
-class ChatMessageBody(Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-
-class _Common(Struct, kw_only=True):
-    """Fields both endpoints share: OpenAI's, then SGLang's extensions."""
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None  # None: the model's default (generation_config.json), else 1
-    top_p: float | None = None
-    n: int = 1
-    best_of: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
-    # accepted, without effect here
-    service_tier: str | None = None
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    # not implemented: refused unless default
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    # SGLang / vLLM extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    rid: str | None = None
-
-
-class CompletionBody(_Common, kw_only=True):
-    prompt: str | list[str | int | list[int]]  # a text, ids, or a batch of texts / id lists
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-
-
-class ChatBody(_Common, kw_only=True):
-    messages: list[ChatMessageBody]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
 
 Prompt = str | list[int] | list[ChatMessage]
 
 
 def decode_body(raw: bytes, kind: type[Any]) -> Any:
+    """`raw` as a `kind`, null fields (at any depth) dropped, unknown ones ignored; raises OpenAIError."""
     try:
-        data = msgspec.json.decode(raw)
-    except msgspec.DecodeError as e:
-        raise OpenAIError(f"body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise OpenAIError("the body must be a JSON object")
-    try:
-        return msgspec.convert(_without_nulls(data), type=kind)
-    except msgspec.ValidationError as e:
-        raise OpenAIError(f"invalid request: {e}") from None
+        return convert(without_nulls(json_object(raw), deep=True), kind)
+    except InvalidRequest as e:
+        raise OpenAIError(str(e)) from None
 
 
-def _without_nulls(value: Any) -> Any:
-    """`null` means the default: the keys of every object whose value is null, dropped."""
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
-def check_unsupported(body: _Common) -> None:
-    """400 naming a field OpenAI has and dpserve does not implement, set to a non-default value."""
-
-    def refuse(param: str, what: str) -> OpenAIError:
-        return OpenAIError(f"{what} is not supported by this server", param=param)
-
-    if body.best_of is not None and body.best_of not in (1, body.n):
-        raise refuse("best_of", "best_of other than 1 or n")
-    if body.tools or body.functions:
-        raise refuse("tools" if body.tools else "functions", "tool calling")
-    for param, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
-        if choice not in (None, "none", "auto"):  # "auto" without tools calls none
-            raise refuse(param, "tool calling")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise refuse("response_format", f"response_format {body.response_format.get('type')!r}")
-
-
-def sampling_of(body: _Common, max_tokens: int | None, default_max: int | None) -> tuple[SamplingParams, list[str]]:
+def sampling_of(body: CommonBody, max_tokens: int | None, default_max: int | None) -> tuple[SamplingParams, list[str]]:
     """The sampling params of `body` and the names of those it leaves unset (the tokenizer fills
     them from the model). `default_max` None: max_new_tokens unset means the rest of the context."""
     if not 1 <= body.n <= MAX_N:

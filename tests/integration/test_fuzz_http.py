@@ -38,10 +38,14 @@ def test_openapi_documents_every_route(server: Any) -> None:
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == routes
-    # request bodies come from the msgspec Structs: the strictness the server enforces is there
+    # request bodies come from the msgspec Structs: what the server accepts and refuses is there
     schemas = doc["components"]["schemas"]
-    assert "max_new_tokens" in schemas["SamplingParams"]["properties"]
-    assert schemas["GenerateBody"].get("additionalProperties") is False
+    sampling = schemas["GenerateSamplingParams"]
+    assert "max_new_tokens" in sampling["properties"]
+    assert sampling.get("additionalProperties") is False  # an unknown sampling parameter is a 400
+    generate = schemas["GenerateBody"]
+    assert "additionalProperties" not in generate  # unknown top-level fields are ignored, as SGLang does
+    assert {"type": "array", "items": {"type": "string"}} in generate["properties"]["text"]["anyOf"]  # a batch
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.gateway.protocol import InvalidRequest, parse_generate_call
+from services.gateway.protocol import InvalidRequest, parse_generate, parse_generate_call
 from shared.messages import FinishReason, GenerateRequest, RequestError, SamplingParams, TextOutput
 from tests.unit import test_gateway
 from tests.unit.test_gateway import Harness, assert_error, read_sse, step, wait_for
@@ -171,6 +171,22 @@ async def test_unknown_fields_are_ignored_and_counted(gw: Harness) -> None:
 
 
 # --- batches ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, prompts",
+    [
+        ({"text": ["a", "b"]}, [("a", None), ("b", None)]),
+        ({"input_ids": [[1, 2], [3]]}, [(None, [1, 2]), (None, [3])]),
+        ({"text": ["a"]}, [("a", None)]),  # a list of one is still a batch
+    ],
+)
+def test_a_text_list_or_id_lists_is_a_batch(body: dict[str, Any], prompts: list[Any]) -> None:
+    call = parse(body)
+    assert call.batch
+    assert [(r.text, r.input_ids) for r in call.reqs] == prompts
+    with pytest.raises(InvalidRequest, match="batch"):
+        parse_generate(json.dumps(body).encode(), "gw", 1.0)  # where one request is expected
 
 
 async def test_a_batch_of_texts_is_a_list_in_order(gw: Harness) -> None:
