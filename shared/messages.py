@@ -34,6 +34,7 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     skip_special_tokens: bool = True
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    no_stop_trim: bool = False  # keep the matched stop string / stop token's text in the output
 
     def problem(self) -> str | None:
         """Returns what is wrong with these parameters, or None."""
@@ -159,6 +160,7 @@ class TokenOutput(Struct, kw_only=True, omit_defaults=True):
     cached_tokens: int = 0
     skip_special_tokens: bool = True
     stop: list[str] = field(default_factory=list)
+    no_stop_trim: bool = False  # the final text keeps the matched stop string / stop token's text
     finish: FinishReason | None = None
     all_ids: list[int] | None = None
     # with return_logprob: (logprob, token_id) pairs; input ones once (first output), output
@@ -189,7 +191,7 @@ class TextOutput(Struct, tag="text", kw_only=True, omit_defaults=True):
     completion_tokens: int
     cached_tokens: int = 0
     finish: FinishReason | None = None
-    full_text: str | None = None  # on finish: decode(all ids), stop string trimmed
+    full_text: str | None = None  # on finish: decode(all ids), the matched stop trimmed (unless no_stop_trim)
     # with return_logprob: (logprob, token_id) pairs; input ones once (first output), output
     # ones for this output's new ids; top ones: the top_logprobs_num best per position
     input_token_logprobs: list[tuple[float | None, int]] | None = None

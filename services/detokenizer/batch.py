@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import logging
 
-from services.detokenizer.incremental import IncrementalDecoder
+from services.detokenizer.incremental import IncrementalDecoder, trim_at_stop
 from shared.messages import RequestError, TextBatch, TextOutput, TokenBatch, TokenOutput
 
 log = logging.getLogger("detokenizer")
 
 
+def trims_stop_token(out: TokenOutput) -> bool:
+    """Whether the final step's last id is a matched stop token (EOS or stop_token_ids) whose text
+    is left out: SGLang's trim_matched_stop, unless no_stop_trim (the text of a special token is
+    left out anyway with skip_special_tokens)."""
+    matched = out.finish.matched if out.finish is not None else None
+    return isinstance(matched, int) and not out.no_stop_trim and out.num_new > 0 and out.ids[-1] == matched
+
+
 def detokenize_one(out: TokenOutput, decoder: IncrementalDecoder) -> TextOutput:
     final = out.finish is not None
-    text = decoder.delta(out.ids, out.num_new, out.skip_special_tokens, final=final)
+    ids, num_new, all_ids = out.ids, out.num_new, out.all_ids
+    if trims_stop_token(out):
+        ids, num_new = ids[:-1], num_new - 1
+        all_ids = all_ids[:-1] if all_ids is not None else None
+    text = decoder.delta(ids, num_new, out.skip_special_tokens, final=final)
     full_text = None
-    if final and out.all_ids is not None:
-        full_text = decoder.full_text(out.all_ids, out.skip_special_tokens, out.stop)
-        if out.stop and full_text != decoder.full_text(out.all_ids, out.skip_special_tokens):
-            # a stop string was cut: the last delta ends where full_text ends, so a stream's text
-            # equals full_text whenever the stop string began within this step
-            before = out.all_ids[: len(out.all_ids) - out.num_new]
+    if final and all_ids is not None:
+        whole = decoder.full_text(all_ids, out.skip_special_tokens)
+        full_text = trim_at_stop(whole, out.stop, out.no_stop_trim)
+        if full_text != whole:
+            # a stop string was cut (before it, or after it with no_stop_trim): the last delta ends
+            # where full_text ends, so a stream's text equals full_text whenever the stop string
+            # ended within this step
+            before = all_ids[: len(all_ids) - num_new]
             streamed = decoder.streamed_text(before, out.skip_special_tokens)
             text = full_text[len(streamed) :] if full_text.startswith(streamed) else ""
     return TextOutput(

@@ -118,16 +118,25 @@ class IncrementalDecoder:
         return data[: len(data) - incomplete_tail(data)].decode("utf-8", errors="replace")
 
     def full_text(
-        self, all_ids: Sequence[int], skip_special_tokens: bool = True, stop: Sequence[str] = ()
+        self,
+        all_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        keep_stop: bool = False,
     ) -> str:
-        """decode(all_ids), cut before the earliest occurrence of any stop string."""
+        """decode(all_ids), cut at the first stop string (see `trim_at_stop`)."""
         text = self.tokenizer.decode(list(all_ids), skip_special_tokens=skip_special_tokens)
-        return trim_at_stop(text, stop)
+        return trim_at_stop(text, stop, keep_stop)
 
 
-def trim_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
+def trim_at_stop(text: str, stop: Sequence[str], keep_stop: bool = False) -> str:
+    """`text` cut before the earliest occurrence of any stop string, or, with `keep_stop` (SGLang's
+    no_stop_trim), after the occurrence that ends first: the stop string stays, what the last token
+    decoded past it goes."""
+    found = [(i, i + len(s)) for s in stop if s and (i := text.find(s)) >= 0]
+    if not found:
+        return text
+    return text[: min(end for _, end in found)] if keep_stop else text[: min(start for start, _ in found)]
 
 
 @cache

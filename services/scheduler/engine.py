@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import msgspec
 import torch
 from tokenizers import Tokenizer
 
@@ -145,22 +146,41 @@ class Engine:
 
     # --- requests in and out --------------------------------------------------------------
 
+    @property
+    def capacity(self) -> int:
+        """Tokens of KV one request may hold at most: the KV pool and the context both bound it."""
+        return min(self.pool.size, self.cfg.context_length)
+
     def add(self, req: Req) -> None:
+        """Admits `req` to the waiting queue, or ends it (reported by the next update).
+
+        max_new_tokens is clamped here, quietly, to the room this rank can ever give the request:
+            max_new_tokens = min(max_new_tokens, context_length - prompt_len, pool_size - prompt_len)
+        (min_new_tokens with it), so a request sent with "the rest of the context" runs on a pool
+        smaller than the context and ends with finish_reason length where the pool ends (SGLang
+        clamps to its max_req_len likewise). Hence max_len <= capacity: every request fits the pool
+        alone, which retraction relies on. Only a prompt that leaves no room for a new token is an
+        error (a prompt of exactly `capacity` tokens may still be scored, max_new_tokens 0).
+        """
         problem = req.sampling.problem()
-        capacity = min(self.pool.size, self.cfg.context_length)
+        room = self.capacity - len(req.input_ids)
         if not req.input_ids:
             problem = "empty prompt"
         elif not all(0 <= t < self.cfg.vocab_size for t in req.input_ids):
             problem = f"input_ids must be in [0, {self.cfg.vocab_size})"
-        elif req.max_len > capacity:
+        elif room < 0 or (room == 0 and req.sampling.max_new_tokens > 0):
             problem = (
-                f"prompt ({len(req.input_ids)}) + max_new_tokens ({req.sampling.max_new_tokens}) "
-                f"exceeds this rank's capacity of {capacity} tokens"
+                f"the prompt ({len(req.input_ids)} tokens) leaves no room for new tokens in this rank's "
+                f"capacity of {self.capacity} tokens (KV pool {self.pool.size}, context {self.cfg.context_length})"
             )
         elif req.top_logprobs_num < 0 or req.logprob_start_len < -1:
             problem = "top_logprobs_num must be >= 0 and logprob_start_len >= -1"
         elif not all(0 <= t < self.cfg.vocab_size for t in req.output_ids):
             problem = f"resume_output_ids must be in [0, {self.cfg.vocab_size})"
+        if problem is None and req.sampling.max_new_tokens > room:
+            req.sampling = msgspec.structs.replace(
+                req.sampling, max_new_tokens=room, min_new_tokens=min(req.sampling.min_new_tokens, room)
+            )
         if problem is not None:
             req.finish = FinishReason(type="abort", message=problem)
             self.finished_early.append(req)

@@ -139,6 +139,7 @@ class Req:
             cached_tokens=self.cached_tokens,
             skip_special_tokens=self.sampling.skip_special_tokens,
             stop=self.sampling.stop,
+            no_stop_trim=self.sampling.no_stop_trim,
             finish=self.finish,
             all_ids=self.output_ids if self.finished else None,
         )

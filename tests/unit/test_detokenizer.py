@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from services.detokenizer.batch import detokenize_batch
-from services.detokenizer.incremental import IncrementalDecoder, byte_alphabet, incomplete_tail
+from services.detokenizer.incremental import IncrementalDecoder, byte_alphabet, incomplete_tail, trim_at_stop
 from shared.messages import DETOK_CONTEXT, FinishReason, RequestError, TextOutput, TokenBatch, TokenOutput
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -251,13 +251,11 @@ def test_batch_new_ids_exclude_context(tokenizer: Tokenizer, decoder: Incrementa
     assert isinstance(empty, TextOutput) and empty.new_ids == [] and empty.text == ""
 
 
-def test_batch_final_step_full_text_and_stop(tokenizer: Tokenizer, decoder: IncrementalDecoder) -> None:
-    all_ids = tokenizer.encode("the answer is 42. END tail").ids
-    # the stop string "END" arrives in the last step: the streamed text stops before it
-    end = len(tokenizer.encode("the answer is 42. END").ids)
-    all_ids = all_ids[:end]
-    sizes = [3] * ((end - 3) // 3)
-    sizes.append(end - sum(sizes))
+def steps(
+    decoder: IncrementalDecoder, all_ids: list[int], sizes: list[int], finish: FinishReason, **kw: object
+) -> tuple[str, TextOutput]:
+    """The request's steps through detokenize_batch the way the scheduler sends them (the last one
+    finished): the concatenated texts and the last TextOutput."""
     texts: list[str] = []
     pos = 0
     for seq, n in enumerate(sizes):
@@ -268,18 +266,29 @@ def test_batch_final_step_full_text_and_stop(tokenizer: Tokenizer, decoder: Incr
             all_ids[max(0, pos - DETOK_CONTEXT) : pos + n],
             n,
             seq=seq,
-            stop=["END"],
-            finish=FinishReason(type="stop", matched="END") if last else None,
+            finish=finish if last else None,
             all_ids=all_ids if last else None,
+            **kw,
         )
         [item] = detokenize_batch(TokenBatch(dp_rank=0, outputs=[out]), decoder)["g"].outputs
         assert isinstance(item, TextOutput)
+        assert item.new_ids == all_ids[pos : pos + n]  # the ids keep the stop token either way
         texts.append(item.text)
         pos += n
-        if last:
-            assert item.full_text == "the answer is 42. "
-            assert item.finish == FinishReason(type="stop", matched="END")
-    assert "".join(texts) == "the answer is 42. "
+    assert pos == len(all_ids)
+    return "".join(texts), item
+
+
+def test_batch_final_step_full_text_and_stop(tokenizer: Tokenizer, decoder: IncrementalDecoder) -> None:
+    end = len(tokenizer.encode("the answer is 42. END").ids)
+    all_ids = tokenizer.encode("the answer is 42. END tail").ids[:end]
+    sizes = [3] * ((end - 3) // 3)
+    sizes.append(end - sum(sizes))
+    # the stop string "END" arrives in the last step: the streamed text stops before it
+    finish = FinishReason(type="stop", matched="END")
+    text, last = steps(decoder, all_ids, sizes, finish, stop=["END"])
+    assert text == last.full_text == "the answer is 42. "
+    assert last.finish == finish
 
 
 def test_batch_final_step_without_stop(tokenizer: Tokenizer, decoder: IncrementalDecoder) -> None:
@@ -314,3 +323,70 @@ def test_invariant_on_tiny_model(tiny_model) -> None:  # type: ignore[no-untyped
         ids = tok.encode(text).ids
         for _ in range(20):
             assert "".join(stream(dec, ids, random_sizes(rng, len(ids)))) == tok.decode(ids) == text
+
+
+# --- stop trimming and no_stop_trim ---------------------------------------------------------------
+
+
+def size_cases(n: int) -> list[list[int]]:
+    """One step (not streamed), one token per step, and a random split."""
+    return [[n], [1] * n, random_sizes(random.Random(n), n)]
+
+
+def test_trim_at_stop() -> None:
+    assert trim_at_stop("hello world", ["wor"]) == "hello "
+    assert trim_at_stop("hello world", ["wor"], keep_stop=True) == "hello wor"  # "ld" came past it
+    # several stop strings: cut before the one that starts first, or after the one that ends first
+    assert trim_at_stop("xabcd", ["abc", "b"]) == "x"
+    assert trim_at_stop("xabcd", ["abc", "b"], keep_stop=True) == "xab"
+    assert trim_at_stop("xabcd", ["zz"], keep_stop=True) == trim_at_stop("xabcd", ["zz"]) == "xabcd"
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+def test_stop_string_kept_with_no_stop_trim(
+    tokenizer: Tokenizer, decoder: IncrementalDecoder, no_stop_trim: bool
+) -> None:
+    finish = FinishReason(type="stop", matched="wor")
+    ids = tokenizer.encode("hello world").ids  # ... " w", "orld": the last token ends the stop string
+    expect = "hello wor" if no_stop_trim else "hello "
+    for sizes in size_cases(len(ids)):
+        text, last = steps(decoder, ids, sizes, finish, stop=["wor"], no_stop_trim=no_stop_trim)
+        assert last.full_text == expect, sizes
+        if no_stop_trim:  # kept whole: the deltas end where full_text does
+            assert text == expect, sizes
+        else:  # the deltas may have sent where the stop string began; the gateway holds that back
+            assert text.startswith(expect) and len(text) - len(expect) < len("wor"), sizes
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+def test_stop_token_text_trimmed_unless_no_stop_trim(
+    tokenizer: Tokenizer, decoder: IncrementalDecoder, no_stop_trim: bool
+) -> None:
+    """SGLang's trim_matched_stop: a matched stop token (stop_token_ids or EOS) adds no text unless
+    no_stop_trim; a special one adds none anyway while skip_special_tokens."""
+    ids = tokenizer.encode("hello world").ids
+    stop_id = ids[-1]  # "orld", an ordinary token
+    finish = FinishReason(type="stop", matched=stop_id)
+    for sizes in size_cases(len(ids)):
+        text, last = steps(decoder, ids, sizes, finish, no_stop_trim=no_stop_trim)
+        assert text == last.full_text == ("hello world" if no_stop_trim else "hello w"), sizes
+    eos = tokenizer.token_to_id(EOS)
+    with_eos = [*ids, eos]
+    eos_finish = FinishReason(type="stop", matched=eos)
+    for sizes in size_cases(len(with_eos)):
+        text, last = steps(decoder, with_eos, sizes, eos_finish, no_stop_trim=no_stop_trim)
+        assert text == last.full_text == "hello world", sizes
+        text, last = steps(
+            decoder, with_eos, sizes, eos_finish, no_stop_trim=no_stop_trim, skip_special_tokens=False
+        )
+        assert text == last.full_text == ("hello world" + EOS if no_stop_trim else "hello world"), sizes
+
+
+def test_stop_token_trim_flushes_held_back_bytes(tokenizer: Tokenizer, decoder: IncrementalDecoder) -> None:
+    """The stop token ends the request mid-character: the held-back bytes come out as decode() has them."""
+    alphabet = byte_alphabet()
+    ids = [tokenizer.token_to_id(alphabet[b]) for b in b"ok\xe4\xb8"] + tokenizer.encode("x").ids
+    finish = FinishReason(type="stop", matched=ids[-1])
+    for sizes in size_cases(len(ids)):
+        text, last = steps(decoder, ids, sizes, finish)
+        assert text == last.full_text == tokenizer.decode(ids[:-1]) == "ok\ufffd", sizes

@@ -12,10 +12,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from services.detokenizer import IncrementalDecoder, detokenize_batch
 from services.scheduler.engine import Engine, EngineConfig
 from services.scheduler.model import KVPool, load_model
 from services.scheduler.request import Req
-from shared.messages import SamplingParams, TokenOutput
+from shared.messages import SamplingParams, TextBatch, TextOutput, TokenBatch, TokenOutput
 
 
 class Rig:
@@ -169,7 +170,7 @@ def test_bad_requests_end_with_clear_errors(rig: Rig) -> None:
     done = run(
         engine,
         [
-            make_req("big", [5] * 200, max_new_tokens=100),
+            make_req("big", [5] * 300, max_new_tokens=100),  # the prompt alone overflows the pool
             make_req("vocab", [10**6]),
             make_req("zero", [5], max_new_tokens=0),
         ],
@@ -262,3 +263,87 @@ def test_logprobs_match_direct_computation(rig: Rig, tiny_model: Path) -> None:
     # without logprobs there is nothing to compute: it ends at once
     nothing = run(engine, [make_req("nothing", p[:10], max_new_tokens=0)])["nothing"]
     assert nothing.all_ids == [] and nothing.input_token_logprobs is None
+
+
+# --- max_new_tokens clamped to the room left; no_stop_trim through the detokenizer -------------
+
+
+def test_max_new_tokens_clamped_to_pool_and_context(rig: Rig) -> None:
+    """max_new_tokens beyond what the rank can ever give (a chat without max_tokens gets the rest of
+    the context) is clamped at admission to min(context - prompt, pool - prompt): the request runs
+    and ends with finish_reason length there."""
+    huge = 10**9
+    p = prompts(1, 31, 20, 20)[0]
+    for pool, context, room in ((64, 0, 44), (4096, 48, 28), (64, 40, 20)):
+        engine = rig.engine(pool=pool, context_length=context, chunked_prefill_size=16)
+        done = run(engine, [make_req("r", p, max_new_tokens=huge, min_new_tokens=huge - 1)])["r"]
+        assert done.finish is not None and (done.finish.type, done.finish.length) == ("length", room)
+        assert done.all_ids is not None and len(done.all_ids) == done.completion_tokens == room
+    # the clamped output is the unclamped one, cut where the room ends
+    ample = run(rig.engine(), [make_req("r", p, max_new_tokens=44)])["r"].all_ids
+    assert run(rig.engine(pool=64), [make_req("r", p, max_new_tokens=huge)])["r"].all_ids == ample
+    # the sampling params a message brought are not edited in place (a batch may share them)
+    shared = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=huge)
+    req = Req(rid="s", gateway_id="g", input_ids=list(p), sampling=shared)
+    run(rig.engine(pool=64), [req])
+    assert shared.max_new_tokens == huge and req.sampling.max_new_tokens == 44
+
+
+def test_clamped_requests_share_a_small_pool(rig: Rig) -> None:
+    """Several clamped requests on one small pool: retraction, not an abort, makes room; each ends
+    at its own room with the output it has alone."""
+    ps = prompts(3, 32, 8, 24)
+    alone = {f"c{i}": run(rig.engine(pool=64), [make_req(f"c{i}", q, max_new_tokens=10**6)])[f"c{i}"] for i, q in enumerate(ps)}
+    engine = rig.engine(pool=64, chunked_prefill_size=16)
+    together = run(engine, [make_req(f"c{i}", q, max_new_tokens=10**6) for i, q in enumerate(ps)])
+    assert engine.decode.num_retracted > 0
+    for i, q in enumerate(ps):
+        out = together[f"c{i}"]
+        assert out.finish is not None and (out.finish.type, out.finish.length) == ("length", 64 - len(q))
+        assert out.all_ids == alone[f"c{i}"].all_ids
+
+
+def test_prompt_without_room_is_an_error(rig: Rig) -> None:
+    done = run(
+        rig.engine(pool=64),
+        [
+            make_req("over", [5] * 65, max_new_tokens=1),
+            make_req("full", [5] * 64, max_new_tokens=1),
+            make_req("full0", [5] * 64, max_new_tokens=0),
+        ],
+    )
+    for rid in ("over", "full"):
+        finish = done[rid].finish
+        assert finish is not None and finish.type == "abort" and finish.message is not None
+        assert "capacity of 64 tokens" in finish.message
+    assert done["full0"].finish is not None and (done["full0"].finish.type, done["full0"].finish.length) == ("length", 0)
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+def test_no_stop_trim_reaches_the_text(rig: Rig, tiny_model: Path, no_stop_trim: bool) -> None:
+    """A stop token's text is trimmed from the streamed and the final text (SGLang's default), kept
+    with no_stop_trim; the ids keep it either way."""
+    decoder = IncrementalDecoder(tiny_model / "tokenizer.json")
+    p = prompts(1, 3, 30, 30)[0]
+    base = run(rig.engine(), [make_req("a", p, max_new_tokens=10)])["a"].all_ids
+    assert base is not None
+    stop = base[3]
+    assert not decoder.is_special(stop)
+    cut = base[: base.index(stop) + 1]
+    expect = rig.tokenizer.decode(cut if no_stop_trim else cut[:-1])
+    for stream in (False, True):
+        req = make_req("b", p, max_new_tokens=10, stop_token_ids=[stop], no_stop_trim=no_stop_trim)
+        req.stream = stream
+        engine = rig.engine()
+        engine.add(req)
+        texts: list[TextOutput] = []
+        while engine.has_work:
+            batch = TokenBatch(dp_rank=0, outputs=engine.step().outputs)
+            for item in detokenize_batch(batch, decoder).get("g", TextBatch()).outputs:
+                assert isinstance(item, TextOutput)
+                texts.append(item)
+            engine.assert_invariants()
+        final = texts[-1]
+        assert final.finish is not None and final.finish.matched == stop
+        assert final.full_text == "".join(t.text for t in texts) == expect
+        assert [i for t in texts for i in t.new_ids] == cut
