@@ -43,8 +43,8 @@ class GenerateSamplingParams(Struct, kw_only=True, forbid_unknown_fields=True):
     # every step is streamed
     spaces_between_special_tokens: bool | None = None
     stream_interval: int | None = None
+    no_stop_trim: bool | None = None  # keep the matched stop string / stop token's text
     # not implemented: refused unless unset (REFUSED_SAMPLING)
-    no_stop_trim: bool | None = None
     stop_regex: str | list[str] | None = None
     regex: str | None = None
     json_schema: str | None = None
@@ -72,12 +72,11 @@ class GenerateSamplingParams(Struct, kw_only=True, forbid_unknown_fields=True):
 
 _PLAIN_SAMPLING = (
     "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
-    "presence_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+    "presence_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "skip_special_tokens", "no_stop_trim",
 )
 
 # sampling parameter -> the feature it asks for, which dpserve does not implement (yet)
 REFUSED_SAMPLING = {
-    "no_stop_trim": "no_stop_trim (keeping the stop string in the output)",
     "stop_regex": "stop_regex (regular-expression stop conditions)",
     "regex": "constrained decoding (regex)",
     "json_schema": "constrained decoding (json_schema)",

@@ -51,11 +51,11 @@ def test_null_means_the_default() -> None:
 def test_sampling_params_as_sglang_names_them() -> None:
     sp = {"stop": "\n", "sampling_seed": 7, "max_new_tokens": 5, "min_new_tokens": 1, "top_k": 3,
           "stop_token_ids": [2], "ignore_eos": True, "skip_special_tokens": False,
-          "spaces_between_special_tokens": False, "stream_interval": 4, "n": 1}
+          "spaces_between_special_tokens": False, "stream_interval": 4, "n": 1, "no_stop_trim": True}
     (req,) = parse({"text": "hi", "sampling_params": sp}).reqs
     s = req.sampling
     assert s.stop == ["\n"] and s.seed == 7 and s.max_new_tokens == 5 and s.min_new_tokens == 1
-    assert s.top_k == 3 and s.stop_token_ids == [2] and s.ignore_eos and not s.skip_special_tokens
+    assert s.top_k == 3 and s.stop_token_ids == [2] and s.ignore_eos and not s.skip_special_tokens and s.no_stop_trim
     assert parse({"text": "hi", "sampling_params": {"seed": 3, "sampling_seed": 3}}).reqs[0].sampling.seed == 3
     assert parse({"text": "hi", "sampling_params": {"logit_bias": {"5": -100}}}).reqs[0].sampling.logit_bias == {5: -100}
 
@@ -88,7 +88,6 @@ def test_fields_the_sglang_model_gateway_forwards_are_accepted() -> None:
         ({"sampling_params": {"regex": "a+"}}, "constrained decoding (regex)"),
         ({"sampling_params": {"json_schema": "{}"}}, "constrained decoding (json_schema)"),
         ({"sampling_params": {"ebnf": "root ::= 'a'"}}, "constrained decoding (ebnf)"),
-        ({"sampling_params": {"no_stop_trim": True}}, "no_stop_trim"),
         ({"sampling_params": {"stop_regex": "x$"}}, "stop_regex"),
         ({"sampling_params": [{"max_new_tokens": 1}, {"custom_params": {"a": 1}}]}, "custom_params"),
     ],
