@@ -22,7 +22,7 @@ from tests.integration.failures import service_pids, wait_loads
 
 FLAGS = ("--dp-size", "3", "--dead-rank-timeout", "1.0", "--heartbeat-interval", "0.1", "--request-timeout", "120")
 # long enough that the kill lands mid-generation however fast the machine is
-GREEDY = {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}
+GREEDY = {"temperature": 0, "max_new_tokens": 1000, "ignore_eos": True}
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(6)]
 
 
