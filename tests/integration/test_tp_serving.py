@@ -1,7 +1,8 @@
 """Greedy parity with transformers through `dpserve serve` for every parallel layout: tp 1, tp 2,
-DP attention (tp 2 dp 2, and tp 4 dp 2 whose groups split attention over 2 ranks), Llama tp 2,
-and dp 2 replicas of tp 2 without DP attention. Each layout is real scheduler processes in a
-gloo world."""
+DP attention (tp 2 dp 2 on V2, and tp 4 dp 2 on V3, whose groups split attention over 2 ranks),
+Llama tp 2, and dp 2 replicas of tp 2 without DP attention. Each layout is real scheduler
+processes in a gloo world. (V3 at tp 2 dp 2 is not run again: its layout is V2's, its model V3's
+other cases.)"""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ LAYOUTS = [
     pytest.param("deepseek_v2", [], id="v2-tp1"),
     pytest.param("deepseek_v3", ["--tp-size", "2"], id="v3-tp2", marks=pytest.mark.slow),
     pytest.param("deepseek_v2", ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"], id="v2-tp2-dp2-dpa"),
-    pytest.param("deepseek_v3", ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"], id="v3-tp2-dp2-dpa"),
     pytest.param(
         "deepseek_v3", ["--tp-size", "4", "--dp-size", "2", "--enable-dp-attention"],
         id="v3-tp4-dp2-dpa-attn_tp2", marks=pytest.mark.slow,
