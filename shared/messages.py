@@ -35,6 +35,10 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     no_stop_trim: bool = False  # keep the matched stop string / stop token's text in the output
+    # structured output (services/scheduler/grammar.py): at most one; the output must match it
+    json_schema: str | None = None  # a JSON Schema, as JSON text
+    regex: str | None = None
+    ebnf: str | None = None  # a GBNF grammar (root rule `root`)
 
     def problem(self) -> str | None:
         """Returns what is wrong with these parameters, or None."""
@@ -68,6 +72,17 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
             return "stop_token_ids must be >= 0"
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias.items()):  # NaN fails too
             return "logit_bias maps token ids >= 0 to biases in [-100, 100]"
+        if sum(x is not None for x in (self.json_schema, self.regex, self.ebnf)) > 1:
+            return "at most one of json_schema, regex and ebnf may be given"
+        return None
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """The output constraint as (kind, source), kind "json_schema" | "regex" | "ebnf"; or None."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            source = getattr(self, kind)
+            if source is not None:
+                return kind, source
         return None
 
     @property
