@@ -94,12 +94,23 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
 # --- gateway -> tokenizer -------------------------------------------------------------------
 
 
+class ToolCall(Struct, kw_only=True, omit_defaults=True):
+    """A function call an assistant message made (OpenAI's `tool_calls[i]`, flattened)."""
+
+    id: str = ""
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
 class ChatMessage(Struct, kw_only=True, omit_defaults=True):
-    """One OpenAI chat message, content flattened to text; the tokenizer renders the template."""
+    """One OpenAI chat message, content flattened to text; the tokenizer renders the template
+    (services/tokenizer/tools.py for the tool fields)."""
 
     role: str
     content: str = ""
     name: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)  # role "assistant"
+    tool_call_id: str | None = None  # role "tool": the call this message answers
 
 
 class GenerateRequest(Struct, kw_only=True, omit_defaults=True):
@@ -108,6 +119,9 @@ class GenerateRequest(Struct, kw_only=True, omit_defaults=True):
     text: str | None = None
     input_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None  # exactly one of text / input_ids / messages
+    # with messages: the functions the model may call, as JSON text of OpenAI's `tools` list
+    # ([{"type": "function", "function": {"name", "description", "parameters"}}]); None: no tools
+    tools: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     routed_dp_rank: int | None = None
