@@ -9,9 +9,16 @@ others are aborted as the handler leaves.
 Streaming follows OpenAI's chunk format: chat sends a first chunk per choice with
 `delta.role = "assistant"`, then content deltas, then a chunk with `finish_reason` and an empty
 delta; with `stream_options.include_usage` every chunk has `"usage": null` and one last chunk has
-empty `choices` and the usage. `finish_reason` is "stop", "length", or, for an aborted choice,
-"abort" (OpenAI has no such reason; SGLang answers it). Text deltas come from the stream's `released` text, so a stop string
-is never streamed (the gateway's hold-back, services/gateway/streams.py).
+empty `choices` and the usage. `finish_reason` is "stop", "length", "tool_calls" (the choice made
+tool calls), or, for an aborted choice, "abort" (OpenAI has no such reason; SGLang answers it).
+Text deltas come from the stream's `released` text, so a stop string is never streamed (the
+gateway's hold-back, services/gateway/streams.py).
+
+A chat body with tools reads each choice's text through a reader (services/gateway/tool_calls.py):
+the whole answer's `message` gets `tool_calls` (`content` the text around them, null when empty);
+a stream sends the content the reader lets through as it comes, each completed call as one chunk
+`delta.tool_calls = [{index, id, type, function: {name, arguments}}]`, then a chunk with
+`finish_reason` "tool_calls" and an empty delta.
 
 A streamed chunk carries the logprobs of the tokens received since the previous chunk of its choice
 (services/gateway/openai_logprobs.py builds both shapes). Completions' `echo` puts the prompt before
@@ -44,6 +51,7 @@ from services.gateway.replies import (
 )
 from services.gateway.state import GatewayState, SubmitError
 from services.gateway.streams import RequestStream, any_changed, wait_finished
+from services.gateway.tool_calls import ParsedCall, Read, Reader, read_whole, reader_for
 
 
 class Choice:
@@ -56,10 +64,13 @@ class Choice:
         stream: RequestStream,
         top: int | None = None,
         echo: Prompt | None = None,
+        reader: Reader | None = None,
     ) -> None:
         self.index, self.prompt_index, self.stream = index, prompt_index, stream
         self.top = top  # None: no logprobs requested; else top logprobs per token (0..20)
         self.echo = echo  # completions' echo: the prompt (text or token ids); None: no echo
+        self.reader = reader  # chat with tools: reads tool calls out of the text; None: plain text
+        self.calls_sent = 0  # tool calls already streamed
         self.sent = 0  # characters of `stream.released` already streamed
         self.logprobs_sent = 0  # output positions whose logprobs were streamed
         self.started = False  # chat: the role chunk went out; completions: the first text chunk
@@ -85,10 +96,24 @@ class Choice:
         return completion_logprobs(self.stream, start, end, echo=self.echo is not None)
 
 
-def finish_reason(stream: RequestStream) -> str | None:
+def finish_reason(stream: RequestStream, called: bool = False) -> str | None:
+    """`called`: the choice made tool calls, which is its reason unless it was aborted."""
     if stream.finish is None:
         return None
+    if called and stream.finish.type != "abort":
+        return "tool_calls"
     return stream.finish.type if stream.finish.type in ("stop", "length", "abort") else "stop"
+
+
+def chat_message(text: str, reader: Reader | None) -> dict[str, Any]:
+    """A whole choice's message: its text, or the tool calls `reader` finds in it and the text
+    around them (null when there is none)."""
+    if reader is None:
+        return {"role": "assistant", "content": text}
+    got = read_whole(reader, text)
+    if not got.calls:
+        return {"role": "assistant", "content": got.content}
+    return {"role": "assistant", "content": got.content or None, "tool_calls": [c.openai() for c in got.calls]}
 
 
 def usage(choices: list[Choice]) -> dict[str, Any]:
@@ -164,11 +189,11 @@ class OpenAIRoutes:
             text = c.stream.text
             item: dict[str, Any] = {"index": c.index}
             if chat:
-                item["message"] = {"role": "assistant", "content": text}
+                item["message"] = chat_message(text, c.reader)
             else:
                 item["text"] = c.echo_text() + text
             item["logprobs"] = c.logprobs_since(0, chat)
-            item["finish_reason"] = finish_reason(c.stream)
+            item["finish_reason"] = finish_reason(c.stream, "tool_calls" in item.get("message", {}))
             if c.stream.finish is not None and c.stream.finish.matched is not None:
                 item["matched_stop"] = c.stream.finish.matched
             out.append(item)
@@ -245,24 +270,35 @@ class OpenAIRoutes:
         if not chat and not c.started:
             text = c.echo_text() + text  # nothing of the choice went out yet: the prompt leads
             c.started = True
-        reason = finish_reason(c.stream) if c.stream.done else None
+        calls: list[ParsedCall] = []
+        if c.reader is not None:
+            got = c.reader.feed(text) + (c.reader.finish() if c.stream.done else Read())
+            text, calls = got.content, got.calls
+        reason = finish_reason(c.stream, c.calls_sent + len(calls) > 0) if c.stream.done else None
         new_logprobs = c.top is not None and num_entries(c.stream) > c.logprobs_sent
-        if text or reason is not None or new_logprobs:
+        if text or new_logprobs or (reason is not None and not calls):
             item: dict[str, Any] = {"index": c.index}
             if chat:
                 item["delta"] = {"content": text} if text else {}
             else:
                 item["text"] = text
             item["logprobs"] = c.logprobs_since(c.logprobs_sent, chat)
-            item["finish_reason"] = reason
+            item["finish_reason"] = None if calls else reason
             out.append(item)
+        for call in calls:  # one chunk per call, whole, as OpenAI streams a call's first delta
+            delta = {"tool_calls": [{"index": c.calls_sent} | call.openai()]}
+            out.append({"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None})
+            c.calls_sent += 1
+        if reason is not None and calls:
+            out.append({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason})
         c.finished = reason is not None
         return out
 
 
 def _choice(parsed: OpenAIRequest, index: int, stream: RequestStream) -> Choice:
     prompt_index = index // parsed.n
-    return Choice(index, prompt_index, stream, parsed.top, parsed.prompts[prompt_index] if parsed.echo else None)
+    echo = parsed.prompts[prompt_index] if parsed.echo else None
+    return Choice(index, prompt_index, stream, parsed.top, echo, reader_for(parsed.tools.read, parsed.tools.names))
 
 
 async def _any_changed(choices: list[Choice]) -> None:

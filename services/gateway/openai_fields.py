@@ -2,11 +2,12 @@
 SGLang's / vLLM's extensions, and the error a body is refused with.
 
 Every field is optional but `prompt` / `messages`; unknown fields are ignored and null means the
-default (services/gateway/request_body.py). Fields dpserve does not implement (`tools`,
-`functions`, `tool_choice`, `function_call`, `response_format` other than text, `best_of` other
-than 1 or n) are refused by `check_unsupported` with a 400 naming them when set to anything but
-their default; fields without effect here (`user`, `store`, `metadata`, `service_tier`,
-`parallel_tool_calls`, ...) are accepted. `suffix` is refused by the completions parser.
+default (services/gateway/request_body.py). Chat's `tools` / `tool_choice` / `parallel_tool_calls`
+(and the legacy `functions` / `function_call`), and both routes' `response_format` and SGLang's
+`regex` / `ebnf` / `json_schema`, are read by services/gateway/tool_choice.py. `best_of` other
+than 1 or n is refused by `check_unsupported` with a 400 naming it; fields without effect here
+(`user`, `store`, `metadata`, `service_tier`, ...) are accepted. `suffix` is refused by the
+completions parser.
 """
 
 from __future__ import annotations
@@ -32,10 +33,57 @@ class ContentPart(Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCallBody(Struct, kw_only=True):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # JSON text (OpenAI's); an object is taken as well
+
+
+class ToolCallBody(Struct, kw_only=True):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class ChatMessageBody(Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # assistant: the calls it made
+    function_call: FunctionCallBody | None = None  # assistant, legacy: the one call it made
+    tool_call_id: str | None = None  # tool: the call this answers
+
+
+class FunctionDef(Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDef(Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: str  # "text" | "json_object" | "json_schema"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class CommonBody(Struct, kw_only=True):
@@ -59,14 +107,12 @@ class CommonBody(Struct, kw_only=True):
     service_tier: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
-    # not implemented: refused unless default
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # an output constraint (at most one): services/gateway/tool_choice.py
+    response_format: ResponseFormat | None = None
     # SGLang / vLLM extensions
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | None = None  # a JSON Schema as JSON text
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -86,6 +132,11 @@ class CompletionBody(CommonBody, kw_only=True):
 
 class ChatBody(CommonBody, kw_only=True):
     messages: list[ChatMessageBody]
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    functions: list[FunctionDef] | None = None  # legacy: read as tools
+    function_call: Literal["none", "auto"] | FunctionName | None = None  # legacy: read as tool_choice
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -99,10 +150,3 @@ def check_unsupported(body: CommonBody) -> None:
 
     if body.best_of is not None and body.best_of not in (1, body.n):
         raise refuse("best_of", "best_of other than 1 or n")
-    if body.tools or body.functions:
-        raise refuse("tools" if body.tools else "functions", "tool calling")
-    for param, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
-        if choice not in (None, "none", "auto"):  # "auto" without tools calls none
-            raise refuse(param, "tool calling")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise refuse("response_format", f"response_format {body.response_format.get('type')!r}")

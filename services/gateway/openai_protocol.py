@@ -16,6 +16,11 @@ A body becomes `len(prompts) × n` GenerateRequests (choice index = prompt_index
 own rid `{id}-{index}`; with a `seed`, choice i samples with `seed + i` (distinct but reproducible).
 Chat requests carry their messages to the tokenizer, which renders the model's chat template.
 
+Chat's tools and both routes' output formats (services/gateway/tool_choice.py): the tool
+definitions travel as `GenerateRequest.tools` for the tokenizer to render, a forced tool_choice or
+a `response_format` / `regex` / `ebnf` / `json_schema` becomes the SamplingParams constraint, and
+`OpenAIRequest.tools` tells the response side how to read the output (services/gateway/tool_calls.py).
+
 Logprobs (chat `logprobs` + `top_logprobs`, completions `logprobs: k`) become /generate's
 `return_logprob` + `top_logprobs_num`. Completions' `echo` with `logprobs`, or with a prompt of
 token ids (the gateway has no tokenizer to spell it), also asks for the prompt's logprobs from
@@ -24,6 +29,7 @@ position 0, whose token bytes spell the echoed text.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +45,8 @@ from services.gateway.openai_fields import (
 )
 from services.gateway.openai_logprobs import MAX_TOP_LOGPROBS
 from services.gateway.request_body import InvalidRequest, check_encodable, convert, json_object, without_nulls
-from shared.messages import MODEL_SAMPLING_DEFAULTS, ChatMessage, GenerateRequest, SamplingParams
+from services.gateway.tool_choice import NO_TOOLS, ToolPlan, output_constraint, plan_tools
+from shared.messages import MODEL_SAMPLING_DEFAULTS, ChatMessage, GenerateRequest, SamplingParams, ToolCall
 
 MAX_N = 64
 
@@ -54,12 +61,15 @@ def decode_body(raw: bytes, kind: type[Any]) -> Any:
         raise OpenAIError(str(e)) from None
 
 
-def sampling_of(body: CommonBody, max_tokens: int | None, default_max: int | None) -> tuple[SamplingParams, list[str]]:
+def sampling_of(
+    body: CommonBody, max_tokens: int | None, default_max: int | None, tools: ToolPlan = NO_TOOLS
+) -> tuple[SamplingParams, list[str]]:
     """The sampling params of `body` and the names of those it leaves unset (the tokenizer fills
     them from the model). `default_max` None: max_new_tokens unset means the rest of the context."""
     if not 1 <= body.n <= MAX_N:
         raise OpenAIError(f"n must be between 1 and {MAX_N}", param="n")
     check_unsupported(body)
+    constraint = output_constraint(body, tools)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():  # OpenAI's keys: token ids as strings
@@ -85,6 +95,7 @@ def sampling_of(body: CommonBody, max_tokens: int | None, default_max: int | Non
         seed=body.seed,
         logit_bias=bias,
         **given,
+        **constraint,
     )
     problem = params.problem()
     if problem is not None:
@@ -133,8 +144,19 @@ def chat_messages(body: ChatBody) -> list[ChatMessage]:
             content = "".join(parts)
         else:
             content = m.content or ""
-        out.append(ChatMessage(role=m.role, content=content, name=m.name))
+        calls = [ToolCall(id=c.id, name=c.function.name, arguments=_arguments(c.function.arguments))
+                 for c in m.tool_calls or ()]
+        if m.function_call is not None:  # legacy: one call, answered by a "function" message
+            calls.append(ToolCall(name=m.function_call.name, arguments=_arguments(m.function_call.arguments)))
+        if calls and m.role != "assistant":
+            raise OpenAIError(f"messages[{i}]: only assistant messages make tool calls", param="messages")
+        role = "tool" if m.role == "function" else m.role
+        out.append(ChatMessage(role=role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id))
     return out
+
+
+def _arguments(arguments: str | dict[str, Any]) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
 
@@ -151,6 +173,7 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool
     reqs: list[GenerateRequest]  # choice i is reqs[i]
+    tools: ToolPlan = NO_TOOLS  # chat: how to read each choice's output
 
 
 def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> OpenAIRequest:
@@ -164,8 +187,9 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
             raise OpenAIError("top_logprobs requires logprobs: true", param="top_logprobs")
         top = check_top(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
         prompts: list[Prompt] = [chat_messages(body)]
+        tools = plan_tools(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        sampling, unset = sampling_of(body, max_tokens, None)  # unset: up to the rest of the context
+        sampling, unset = sampling_of(body, max_tokens, None, tools)  # unset: up to the rest of the context
     else:
         body = decode_body(raw, CompletionBody)
         assert isinstance(body, CompletionBody)
@@ -173,6 +197,7 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
         if body.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
         prompts = completion_prompts(body)
+        tools = NO_TOOLS
         sampling, unset = sampling_of(body, body.max_tokens, 16)  # OpenAI's default for completions
 
     rid = body.rid or uuid.uuid4().hex
@@ -194,6 +219,7 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
                     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int)
                     else None,  # type: ignore[arg-type]
                     messages=prompt if chat else None,  # type: ignore[arg-type]
+                    tools=tools.tools_json,
                     sampling=params,
                     stream=body.stream,
                     created=created,
@@ -218,4 +244,5 @@ def parse_openai(raw: bytes, chat: bool, gateway_id: str, created: float) -> Ope
         stream=body.stream,
         include_usage=body.stream_options is not None and body.stream_options.include_usage,
         reqs=reqs,
+        tools=tools,
     )

@@ -10,6 +10,7 @@ import jinja2
 import msgspec
 
 from services.tokenizer.tokenize import TextTokenizer
+from services.tokenizer.tools import parse_tools, render_chat
 from shared.messages import GenerateRequest, RequestError, TokenizedRequest
 
 
@@ -43,8 +44,8 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
         if not req.messages:
             return reject("`messages` must not be empty.")
         try:
-            prompt = tok.apply_chat_template([msgspec.to_builtins(m) for m in req.messages])
-        except ValueError as e:  # no chat template
+            prompt = render_chat(tok, req.messages, parse_tools(req.tools))
+        except ValueError as e:  # no chat template, or tools that are not a list of objects
             return reject(str(e))
         except jinja2.TemplateError as e:  # the template refused these messages
             return reject(f"the chat template failed: {e}")

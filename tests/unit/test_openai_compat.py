@@ -111,13 +111,7 @@ async def test_completions_keep_openai_default_of_16_tokens(gw: Harness) -> None
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"best_of": 3}, "best_of"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
-        ({"functions": [{"name": "f"}]}, "functions"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, "response_format"),
+        ({"best_of": 3}, "best_of"),  # tools and response_format: tests/unit/test_tool_calls.py
     ],
 )
 async def test_unimplemented_features_are_refused_by_name(gw: Harness, extra: dict[str, Any], param: str) -> None:
