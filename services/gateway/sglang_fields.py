@@ -2,7 +2,7 @@
 each: used (mapped to the bus's SamplingParams / GenerateRequest), accepted without effect (`model`,
 `log_metrics`, `priority`, `stream_interval`, ...), or refused by the feature it asks for when set
 to anything but its default (`REFUSED`, `REFUSED_SAMPLING`: LoRA, multimodal input, sessions,
-hidden states, PD disaggregation, constrained decoding, no_stop_trim, ...).
+hidden states, PD disaggregation, structural tags, stop_regex, ...).
 
 Every field is optional (None: not given, the default applies). An unknown sampling parameter is a
 400 naming it (`forbid_unknown_fields`); unknown top-level fields are ignored (services/gateway/
@@ -44,11 +44,12 @@ class GenerateSamplingParams(Struct, kw_only=True, forbid_unknown_fields=True):
     spaces_between_special_tokens: bool | None = None
     stream_interval: int | None = None
     no_stop_trim: bool | None = None  # keep the matched stop string / stop token's text
-    # not implemented: refused unless unset (REFUSED_SAMPLING)
-    stop_regex: str | list[str] | None = None
+    # structured output: at most one (services/scheduler/grammar.py)
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    # not implemented: refused unless unset (REFUSED_SAMPLING)
+    stop_regex: str | list[str] | None = None
     structural_tag: str | None = None
     custom_params: dict[str, Any] | None = None
 
@@ -73,14 +74,12 @@ class GenerateSamplingParams(Struct, kw_only=True, forbid_unknown_fields=True):
 _PLAIN_SAMPLING = (
     "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
     "presence_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "skip_special_tokens", "no_stop_trim",
+    "regex", "json_schema", "ebnf",
 )
 
 # sampling parameter -> the feature it asks for, which dpserve does not implement (yet)
 REFUSED_SAMPLING = {
     "stop_regex": "stop_regex (regular-expression stop conditions)",
-    "regex": "constrained decoding (regex)",
-    "json_schema": "constrained decoding (json_schema)",
-    "ebnf": "constrained decoding (ebnf)",
     "structural_tag": "constrained decoding (structural_tag)",
     "custom_params": "custom logit processors (custom_params)",
 }

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from services.scheduler.cache import CacheManager
 from services.scheduler.decode import DecodeManager
+from services.scheduler.grammar import GrammarError, Grammars, replay
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.kv_pool import KVPool
 from services.scheduler.prefill import PrefillConfig, PrefillManager
@@ -102,6 +103,7 @@ class Engine:
         )
         self.decode = DecodeManager(self.cache)
         self.runner = ModelRunner(model, pool, self.table, cfg.eos_token_ids)
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, cfg.eos_token_ids)
         self.finished_early: list[Req] = []  # ended outside a step (abort, rejected); reported next update
 
     # --- state the service reads ----------------------------------------------------------
@@ -177,6 +179,8 @@ class Engine:
             problem = "top_logprobs_num must be >= 0 and logprob_start_len >= -1"
         elif not all(0 <= t < self.cfg.vocab_size for t in req.output_ids):
             problem = f"resume_output_ids must be in [0, {self.cfg.vocab_size})"
+        if problem is None and req.sampling.grammar is not None:
+            problem = self._attach_grammar(req)
         if problem is None and req.sampling.max_new_tokens > room:
             req.sampling = msgspec.structs.replace(
                 req.sampling, max_new_tokens=room, min_new_tokens=min(req.sampling.min_new_tokens, room)
@@ -189,6 +193,18 @@ class Engine:
             self.finished_early.append(req)
         else:
             self.prefill.add(req)
+
+    def _attach_grammar(self, req: Req) -> str | None:
+        """Gives a constrained request its matcher (a migrated one's replays its output so far);
+        returns what is wrong instead, if anything."""
+        kind, source = req.sampling.grammar  # type: ignore[misc]
+        try:
+            req.grammar = self.grammars.matcher(kind, source)
+        except GrammarError as e:
+            return str(e)
+        if not replay(req.grammar, req.output_ids):
+            return f"resume_output_ids do not match the request's {kind}"
+        return None
 
     def abort(self, rid: str) -> Req | None:
         """Removes `rid` wherever it is (waiting, mid-prefill, running); its own KV is freed."""
@@ -269,6 +285,8 @@ class Engine:
                 req.finish = FinishReason(type="length", length=0)
             else:
                 req.output_ids.append(token)
+                if req.grammar is not None and not req.grammar.accept_token(token):
+                    log.error("rid=%s sampled token %d outside its grammar", req.rid, token)  # the mask forbids it
                 if lp is not None:
                     req.output_logprobs.append(lp)
                     req.output_top.append(top)
@@ -306,6 +324,8 @@ class Engine:
 
     def _check_finish(self, req: Req, token: int) -> FinishReason | None:
         p = req.sampling
+        if req.grammar is not None and req.grammar.is_terminated():  # it accepted a stop token at its end
+            return FinishReason(type="stop", matched=token)
         if not p.ignore_eos and token in self.cfg.eos_token_ids:
             return FinishReason(type="stop", matched=token)
         if token in p.stop_token_ids:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class Req:
     admitted: bool = False
     finish: FinishReason | None = None
     generator: torch.Generator | None = None
+    grammar: Any = None  # xgrammar.GrammarMatcher of a constrained request (services/scheduler/grammar.py)
     # logprobs (SGLang's /generate): start < 0 means no input logprobs
     return_logprob: bool = False
     top_logprobs_num: int = 0

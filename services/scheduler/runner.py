@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.scheduler.grammar import TokenMasks
 from services.scheduler.logprobs import Pair, input_positions, token_logprob, top_logprobs
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.kv_pool import KVPool
@@ -43,6 +44,7 @@ class ModelRunner:
         self.pool = pool
         self.table = table
         self.eos_token_ids = eos_token_ids
+        self.masks = TokenMasks()
 
     def plan(self, reqs: list[Req]) -> StepPlan:
         """The batch that feeds each request its extend_now tokens, in the order given."""
@@ -84,7 +86,7 @@ class ModelRunner:
         extra = [j for idx, _ in plan.input_lp for j in idx]
         logits = self._logits(plan.batch, [ends[i] for i in emit] + extra)
         emit_reqs = [plan.reqs[i] for i in emit]
-        sampled = sample(logits[: len(emit)], emit_reqs, [self.banned_ids(r) for r in emit_reqs])
+        sampled = sample(logits[: len(emit)], emit_reqs, [self.banned_ids(r) for r in emit_reqs], self.masks)
         result = StepResult(sampled, [], [])
         lp = torch.log_softmax(logits[len(emit) :], dim=-1) if extra else logits[:0]
         k = 0

@@ -1,7 +1,7 @@
 """Sampling, per request in one batch.
 
-Row i: penalties (penalties.py) -> logit_bias -> ban stop/EOS ids before min_new_tokens -> greedy
-argmax, or temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own generator
+Row i: penalties (penalties.py) -> logit_bias -> its structured output's token mask (grammar.py)
+-> ban stop/EOS ids before min_new_tokens (unless the grammar allows nothing else) -> greedy argmax, or temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own generator
 (a seeded request draws the same numbers whatever else is in the batch).
 """
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.scheduler.grammar import TokenMasks
 from services.scheduler.logprobs import Pair, token_logprob, top_logprobs
 from services.scheduler.penalties import apply_penalties, needs_penalties
 from services.scheduler.request import Req
@@ -23,17 +24,25 @@ class Sampled:
     top: list[list[Pair]] = field(default_factory=list)
 
 
-def sample(logits: torch.Tensor, reqs: list[Req], banned: list[list[int]]) -> Sampled:
+def sample(logits: torch.Tensor, reqs: list[Req], banned: list[list[int]], masks: TokenMasks | None = None) -> Sampled:
     """logits: [B, vocab] float32 for the last position of each request; banned[i]: ids row i may
-    not produce yet (stop and EOS ids before min_new_tokens)."""
+    not produce yet (stop and EOS ids before min_new_tokens); masks: applies constrained rows'
+    grammars (required when a request has one)."""
     logits = logits.float().clone()
     for i, req in enumerate(reqs):
         if needs_penalties(req):
             logits[i] = apply_penalties(logits[i], req)
         if req.sampling.logit_bias:
             _add_bias(logits[i], req.sampling.logit_bias)
+    if any(r.grammar is not None for r in reqs):
+        assert masks is not None, "a constrained request needs the token masks"
+        masks.apply(logits, [r.grammar for r in reqs])
+    for i, req in enumerate(reqs):
         if banned[i]:
+            kept = logits[i, banned[i]].clone()
             logits[i, banned[i]] = float("-inf")
+            if req.grammar is not None and not torch.isfinite(logits[i]).any():
+                logits[i, banned[i]] = kept  # the grammar is complete: its end beats min_new_tokens
     tokens = logits.argmax(dim=-1).tolist() if len(reqs) else []
     out = Sampled(tokens)
     for i, req in enumerate(reqs):

@@ -5,6 +5,7 @@
   layer, which at batch 32 moved about as many bytes as the weights.
 - `gguf_linear` computes a Linear of a few rows from the weight's GGUF blocks (Q4_1, Q8_0),
   decoded on the fly: a small-batch decode step is bound by the weight bytes it reads.
+- `apply_token_bitmask` masks logits with a structured output's token bitmask (grammar.py).
 
 Built into the cache dir ($DPSERVE_CACHE_DIR or ~/.cache/dpserve, keyed by the sources' hash)
 at first use, for x86-64 CPUs with AVX2, FMA and F16C; elsewhere, where no compiler is found,
@@ -28,7 +29,7 @@ import torch
 
 log = logging.getLogger("scheduler.cpu")
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("decode_attention.c", "gguf_gemv.c")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("decode_attention.c", "gguf_gemv.c", "token_mask.c")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffast-math", "-fPIC", "-shared"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights
@@ -71,6 +72,9 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(dll, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    fn = dll.apply_token_bitmask_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
     return dll
 
 
@@ -103,6 +107,22 @@ def load_decode_attention() -> Callable[..., torch.Tensor] | None:
 def load_gguf_linear() -> Callable[..., torch.Tensor] | None:
     """The C GGUF-block Linear (built at first call), or None where it cannot be built."""
     return None if _loaded() is None else gguf_linear
+
+
+def load_apply_token_bitmask() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """The C token-bitmask apply (built at first call), or None where it cannot be built."""
+    return None if _loaded() is None else apply_token_bitmask
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """In place: logits[r, t] = -inf where bit t of mask[r] is clear. logits [rows, vocab] float32,
+    mask [rows, words] int32 (xgrammar's layout), both contiguous CPU tensors."""
+    assert _lib is not None, "call load_apply_token_bitmask() first"
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous():
+        raise ValueError("apply_token_bitmask takes contiguous float32 CPU logits")
+    if mask.dtype != torch.int32 or not mask.is_contiguous() or mask.shape[0] != logits.shape[0]:
+        raise ValueError("apply_token_bitmask takes a contiguous int32 mask with a row per logits row")
+    _lib.apply_token_bitmask_f32(logits.data_ptr(), mask.data_ptr(), logits.shape[0], logits.shape[1], mask.shape[1])
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
