@@ -29,7 +29,6 @@ position 0, whose token bytes spell the echoed text.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from services.gateway.openai_fields import (
 )
 from services.gateway.openai_logprobs import MAX_TOP_LOGPROBS
 from services.gateway.request_body import InvalidRequest, check_encodable, convert, json_object, without_nulls
-from services.gateway.tool_choice import NO_TOOLS, ToolPlan, output_constraint, plan_tools
+from services.gateway.tool_choice import NO_TOOLS, ToolPlan, dumps, output_constraint, plan_tools
 from shared.messages import MODEL_SAMPLING_DEFAULTS, ChatMessage, GenerateRequest, SamplingParams, ToolCall
 
 MAX_N = 64
@@ -156,7 +155,7 @@ def chat_messages(body: ChatBody) -> list[ChatMessage]:
 
 
 def _arguments(arguments: str | dict[str, Any]) -> str:
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return arguments if isinstance(arguments, str) else dumps(arguments, "messages")
 
 
 

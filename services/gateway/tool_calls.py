@@ -60,7 +60,7 @@ def call_of(value: Any, names: frozenset[str], new_id: Callable[[], str]) -> Par
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
@@ -70,7 +70,7 @@ def call_of(value: Any, names: frozenset[str], new_id: Callable[[], str]) -> Par
 def _json(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

@@ -77,12 +77,20 @@ def plan_tools(body: ChatBody) -> ToolPlan:
     if named is not None and named not in names:
         raise OpenAIError(f"{choice_param} names function {named!r}, which is not among the {param}", param=choice_param)
 
-    tools_json = json.dumps([{"type": "function", "function": _definition(f)} for f in functions], ensure_ascii=False)
+    tools_json = dumps([{"type": "function", "function": _definition(f)} for f in functions], param)
     if choice == "auto":
         return ToolPlan(tools_json, frozenset(names), "tagged", None)
     chosen = [f for f in functions if named is None or f.name == named]
     schema = calls_schema(chosen, one=named is not None or not body.parallel_tool_calls)
-    return ToolPlan(tools_json, frozenset(names), "forced", json.dumps(schema, ensure_ascii=False))
+    return ToolPlan(tools_json, frozenset(names), "forced", dumps(schema, param))
+
+
+def dumps(value: Any, param: str) -> str:
+    """`value` (decoded from the body) as JSON text; nesting too deep for `json` is a 400."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except RecursionError:
+        raise OpenAIError(f"{param} is nested too deeply", param=param) from None
 
 
 def _name(choice: NamedToolChoice | FunctionName) -> str:
@@ -104,7 +112,10 @@ def calls_schema(functions: list[FunctionDef], one: bool) -> dict[str, Any]:
     for f in functions:
         params = dict(f.parameters) if f.parameters is not None else NO_ARGUMENTS
         for key in ("$defs", "definitions"):
-            for name, sub in (params.pop(key, None) or {}).items():
+            moved = params.pop(key, None) or {}
+            if not isinstance(moved, dict):
+                raise OpenAIError(f"{f.name}: parameters' {key} must be an object", param="tools")
+            for name, sub in moved.items():
                 if defs.setdefault(f"{key}/{name}", sub) != sub:
                     raise OpenAIError(f"tools define {key} {name!r} differently", param="tools")
         branches.append(
@@ -138,7 +149,7 @@ def output_constraint(body: CommonBody, plan: ToolPlan = NO_TOOLS) -> dict[str, 
         elif fmt.type == "json_schema":
             if fmt.json_schema is None or fmt.json_schema.schema is None:
                 raise OpenAIError("response_format json_schema needs json_schema.schema", param="response_format")
-            found.append(("response_format", "json_schema", json.dumps(fmt.json_schema.schema, ensure_ascii=False)))
+            found.append(("response_format", "json_schema", dumps(fmt.json_schema.schema, "response_format")))
         else:
             raise OpenAIError(f"response_format type {fmt.type!r} is not supported (text, json_object, json_schema)",
                               param="response_format")

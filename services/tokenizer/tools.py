@@ -51,7 +51,10 @@ def parse_tools(tools_json: str | None) -> list[dict[str, Any]] | None:
     """GenerateRequest.tools as a list of tool definitions; ValueError when it is not one."""
     if tools_json is None:
         return None
-    tools = json.loads(tools_json)
+    try:
+        tools = json.loads(tools_json)
+    except RecursionError:
+        raise ValueError("tools are nested too deeply") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError("tools must be a list of objects")
     return tools
@@ -61,7 +64,7 @@ def arguments_value(arguments: str) -> Any:
     """A call's arguments as templates want them: the object its JSON text holds, else the text."""
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return arguments
     return value if isinstance(value, dict) else arguments
 
@@ -132,7 +135,15 @@ def text_inputs(
 
 def render_chat(tok: ChatTemplate, messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> str:
     """The prompt text of `messages` (and `tools`) under `tok`'s chat template; raises what
-    `apply_chat_template` raises (ValueError: no template, jinja2.TemplateError: refused)."""
+    `apply_chat_template` raises (ValueError: no template, jinja2.TemplateError: refused), and
+    ValueError for input nested too deeply to render."""
+    try:
+        return _render(tok, messages, tools)
+    except RecursionError:
+        raise ValueError("the messages or tools are nested too deeply") from None
+
+
+def _render(tok: ChatTemplate, messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> str:
     if template_takes_tools(tok.chat_template):
         inputs, variables = native_inputs(messages, tools)
         return tok.apply_chat_template(inputs, **variables)

@@ -216,6 +216,13 @@ def test_a_template_without_tools_gets_them_as_a_hermes_system_message() -> None
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_arguments_that_are_no_json_object_render_as_text() -> None:
+    for arguments in ("[" * 5000, "not json", "[1]"):
+        msgs = [ChatMessage(role="assistant", tool_calls=[ToolCall(name="f", arguments=arguments)])]
+        assert json.dumps(arguments) in render_chat(Template(CHATML), msgs, None)
+        assert render_chat(Template(WITH_TOOLS), msgs, None).startswith("[assistant]<call  f >")
+
+
 def test_the_tools_prompt_joins_a_leading_system_message() -> None:
     msgs = text_inputs([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="hi")], [ADD])
     assert [m["role"] for m in msgs] == ["system", "user"]
@@ -311,6 +318,8 @@ def test_a_named_choice_forces_one_call_to_that_tool_and_defs_move_to_the_root()
         ({"tools": [WEATHER], "functions": [{"name": "f"}]}, "functions", "not both"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "'bad name'"),
         ({"tools": [ADD, ADD]}, "tools", "unique"),
+        ({"tools": [{"function": {"name": "f", "parameters": {"$defs": [1]}}}], "tool_choice": "required"}, "tools",
+         "$defs must be an object"),
     ],
 )
 def test_tool_fields_that_do_not_fit_are_400_naming_them(fields: dict[str, Any], param: str, contains: str) -> None:
