@@ -35,9 +35,6 @@ from services.gateway.openai_fields import (
     OpenAIError,
 )
 
-# False until the scheduler enforces SamplingParams' constraints (services/scheduler/grammar.py):
-# until then a constrained body is refused, not answered with unconstrained text
-CONSTRAINED_DECODING = False
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -168,6 +165,4 @@ def output_constraint(body: CommonBody, plan: ToolPlan = NO_TOOLS) -> dict[str, 
     if len(found) > 1:
         first, second = found[0][0], found[1][0]
         raise OpenAIError(f"{second} and {first} both constrain the output; give at most one", param=second)
-    if found and not CONSTRAINED_DECODING:
-        raise OpenAIError(f"constrained decoding ({found[0][0]}) is not supported by this server yet", param=found[0][0])
     return {field: source for _, field, source in found}

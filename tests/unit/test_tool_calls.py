@@ -17,7 +17,6 @@ import jsonschema_rs
 import msgspec
 import pytest
 
-from services.gateway import tool_choice
 from services.gateway.openai_fields import ChatBody, OpenAIError
 from services.gateway.openai_protocol import parse_openai
 from services.gateway.tool_calls import ForcedReader, ParsedCall, Read, TaggedReader, read_whole
@@ -262,11 +261,6 @@ def chat_body(**fields: Any) -> ChatBody:
     return msgspec.convert({"messages": MESSAGES} | fields, ChatBody)
 
 
-@pytest.fixture
-def grammar(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tool_choice, "CONSTRAINED_DECODING", True)
-
-
 def test_auto_is_the_default_with_tools_and_none_renders_nothing() -> None:
     plan = plan_tools(chat_body(tools=[WEATHER, ADD]))
     assert plan.read == "tagged" and plan.names == NAMES and plan.json_schema is None
@@ -328,7 +322,6 @@ def test_tool_fields_that_do_not_fit_are_400_naming_them(fields: dict[str, Any],
     assert e.value.status == 400 and e.value.param == param and contains in e.value.message
 
 
-@pytest.mark.usefixtures("grammar")
 def test_response_format_and_sglang_constraints_become_one_sampling_constraint() -> None:
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
     assert output_constraint(chat_body(response_format={"type": "text"})) == {}
@@ -340,7 +333,6 @@ def test_response_format_and_sglang_constraints_become_one_sampling_constraint()
     assert output_constraint(chat_body(json_schema='{"type": "string"}')) == {"json_schema": '{"type": "string"}'}
 
 
-@pytest.mark.usefixtures("grammar")
 @pytest.mark.parametrize(
     ("fields", "param", "contains"),
     [
@@ -359,7 +351,6 @@ def test_output_formats_that_do_not_fit_are_400_naming_them(fields: dict[str, An
     assert e.value.status == 400 and e.value.param == param and contains in e.value.message
 
 
-@pytest.mark.usefixtures("grammar")
 def test_a_body_becomes_requests_with_tools_history_and_the_constraint() -> None:
     body = {
         "messages": [
@@ -440,7 +431,6 @@ async def test_streamed_tool_calls_are_delta_tool_calls_chunks(gw: Harness) -> N
     assert chunks[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
 
 
-@pytest.mark.usefixtures("grammar")
 async def test_forced_choice_reads_the_json_array_streamed_and_whole(gw: Harness) -> None:
     named = {"type": "function", "function": {"name": "add"}}
     text = '[{"name": "add", "arguments": {"a": 2, "b": 3}}]'
@@ -455,7 +445,7 @@ async def test_forced_choice_reads_the_json_array_streamed_and_whole(gw: Harness
 
     body = {"messages": MESSAGES, "tools": [ADD], "tool_choice": "required", "rid": "fs", "stream": True}
     task = asyncio.create_task(gw.client.post(CHAT, json=body))
-    await wait_published(gw, "fs-0")
+    await gw.published("fs-0")
     feed(gw, out("fs-0", 0, text[:9], [5]), out("fs-0", 1, text[9:], [6], "stop"))
     events = await read_sse(await task)
     chunks = [e["choices"][0] for e in events[:-1]]
@@ -463,14 +453,3 @@ async def test_forced_choice_reads_the_json_array_streamed_and_whole(gw: Harness
     assert [tc["function"]["name"] for c in chunks for tc in c["delta"].get("tool_calls", [])] == ["add"]
     assert chunks[-1]["finish_reason"] == "tool_calls"
 
-
-async def wait_published(gw: Harness, rid: str) -> None:
-    await gw.published(rid)
-
-
-async def test_constraints_are_refused_until_the_scheduler_enforces_them(gw: Harness) -> None:
-    if tool_choice.CONSTRAINED_DECODING:
-        pytest.fail("the grammar engine landed: drop this test")
-    resp = await gw.client.post(CHAT, json={"messages": MESSAGES, "response_format": {"type": "json_object"}})
-    assert resp.status == 400 and "response_format" in (await resp.json())["error"]["message"]
-    assert not gw.bus.of(GenerateRequest)
