@@ -169,6 +169,7 @@ class FinishReason(Struct, kw_only=True, omit_defaults=True):
     matched: int | str | None = None  # the stop token id or stop string that ended it
     length: int | None = None
     message: str | None = None
+    status: int | None = None  # an abort the request itself caused (a bad constraint): HTTP status to answer
 
 
 class TokenOutput(Struct, kw_only=True, omit_defaults=True):

@@ -111,6 +111,11 @@ class RequestStream:
             if safe > len(self.released):
                 self.released = self._received[:safe]
             return
+        if out.finish.type == "abort" and out.finish.status is not None and not self.output_ids:
+            # refused by its scheduler before it ran (a constraint that does not compile): an error
+            self.error = RequestError(rid=self.rid, message=out.finish.message or "refused", status=out.finish.status)
+            self._end()
+            return
         self.finish = out.finish
         final = out.full_text if out.full_text is not None else self._received
         self.final_text = final

@@ -179,14 +179,16 @@ class Engine:
             problem = "top_logprobs_num must be >= 0 and logprob_start_len >= -1"
         elif not all(0 <= t < self.cfg.vocab_size for t in req.output_ids):
             problem = f"resume_output_ids must be in [0, {self.cfg.vocab_size})"
+        status = None  # HTTP status of a problem with the request's own constraint
         if problem is None and req.sampling.grammar is not None:
             problem = self._attach_grammar(req)
+            status = 400 if problem is not None else None
         if problem is None and req.sampling.max_new_tokens > room:
             req.sampling = msgspec.structs.replace(
                 req.sampling, max_new_tokens=room, min_new_tokens=min(req.sampling.min_new_tokens, room)
             )
         if problem is not None:
-            req.finish = FinishReason(type="abort", message=problem)
+            req.finish = FinishReason(type="abort", message=problem, status=status)
             self.finished_early.append(req)
         elif len(req.output_ids) >= req.sampling.max_new_tokens and not req.scores_prompt:
             req.finish = FinishReason(type="length", length=len(req.output_ids))

@@ -1,7 +1,8 @@
 """Structured outputs: a request's json_schema / regex / ebnf, enforced as a token mask every step.
 
-    Grammars.matcher(kind, source)   compiled against this rank's vocabulary once per (kind, source)
-                                     (a bounded cache), then a fresh matcher per request
+    Grammars.prepare(constraints)    compiled against this rank's vocabulary once per (kind, source)
+                                     (a bounded cache), on the forward thread
+    Grammars.matcher(kind, source)   a fresh matcher per request (Engine.add)
     TokenMasks.apply(logits, rows)   the sampler: each constrained row's allowed next tokens, as
                                      xgrammar's bitmask, applied to its logits (other ids -> -inf)
     matcher.accept_token(t)          the engine, for every token a constrained request emits; a
@@ -14,8 +15,15 @@ deployment without constrained requests never pays. JSON is constrained without 
 (`any_whitespace=False`: xgrammar's ", " and ": " separators), so even a model that favours
 whitespace cannot loop on it; a bounded schema (maxLength, maxItems, enum) always ends.
 
-The constraint's syntax is checked before the request runs (shared/structured_output.py, the
-tokenizer service); a bad one is a 400.
+A constraint that does not compile is refused before the request runs: its request ends with an
+abort of HTTP status 400 (FinishReason.status), which the gateway answers as a 400 error.
+
+xgrammar 0.2.9 compiles a string with minLength / maxLength to a rule that admits raw control
+characters (invalid JSON) and no escapes, and its `pattern` rules admit overlong UTF-8 (bytes that
+decode to U+FFFD, so a string's decoded length exceeds its maxLength). `json_schema_for_xgrammar`
+rewrites a length-bounded string to a pattern of printable ASCII other than `"` and `\\`, which
+needs no escape and which xgrammar compiles correctly: such strings come out ASCII-only. Found by
+the random-schema tests (tests/structured.py).
 
 A migrated or resumed request replays its earlier output ids into a fresh matcher (`replay`).
 Retraction keeps a request's output ids, hence its matcher as it is.
@@ -23,7 +31,9 @@ Retraction keeps a request's output ids, hence its matcher as it is.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +41,6 @@ from tokenizers import Tokenizer
 
 from services.scheduler.cpu import load_apply_token_bitmask
 from shared.bounded import BoundedDict
-from shared.structured_output import error_message, json_schema_for_xgrammar
 
 if TYPE_CHECKING:
     import xgrammar
@@ -51,22 +60,33 @@ class Grammars:
         self._vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
         self._compiler: xgrammar.GrammarCompiler | None = None
-        self._compiled: BoundedDict[tuple[str, str], xgrammar.CompiledGrammar] = BoundedDict(cache_size)
-        self.compiles = 0  # constraints compiled (cache misses)
+        # (kind, source) -> compiled grammar, or the error it failed with
+        self._compiled: BoundedDict[tuple[str, str], xgrammar.CompiledGrammar | GrammarError] = BoundedDict(cache_size)
+        self.compiles = 0  # compilations (cache misses), failed ones included
 
     def matcher(self, kind: str, source: str) -> xgrammar.GrammarMatcher:
-        """A new matcher at the start of the constraint; GrammarError if it does not compile."""
+        """A new matcher at the start of the constraint (compiled here if `prepare` did not);
+        GrammarError if it does not compile."""
         import xgrammar as xgr
 
-        key = (kind, source)
-        compiled = self._compiled.get(key)
+        compiled = self._compiled.get((kind, source))
         if compiled is None:
             compiled = self._compile(kind, source)
-            self._compiled[key] = compiled
+        if isinstance(compiled, GrammarError):
+            raise compiled
         return xgr.GrammarMatcher(compiled)
 
-    def _compile(self, kind: str, source: str) -> xgrammar.CompiledGrammar:
+    def prepare(self, constraints: list[tuple[str, str]]) -> None:
+        """Compiles the constraints not cached yet, failures included (the service calls this on its
+        forward thread: xgrammar releases the GIL while it compiles, and the first call imports it,
+        so the event loop keeps serving heartbeats)."""
+        for kind, source in constraints:
+            if (kind, source) not in self._compiled:
+                self._compile(kind, source)
+
+    def _compile(self, kind: str, source: str) -> xgrammar.CompiledGrammar | GrammarError:
         compiler = self._compiler or self._make_compiler()
+        compiled: xgrammar.CompiledGrammar | GrammarError
         try:
             if kind == "json_schema":
                 compiled = compiler.compile_json_schema(json_schema_for_xgrammar(source), any_whitespace=False)
@@ -75,12 +95,11 @@ class Grammars:
             elif kind == "ebnf":
                 compiled = compiler.compile_grammar(source)
             else:
-                raise GrammarError(f"unknown constraint kind {kind!r}")
-        except GrammarError:
-            raise
+                compiled = GrammarError(f"unknown constraint kind {kind!r}")
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors, by input
-            raise GrammarError(error_message(kind, e)) from None
+            compiled = GrammarError(error_message(kind, e))
         self.compiles += 1
+        self._compiled[(kind, source)] = compiled
         return compiled
 
     def _make_compiler(self) -> xgrammar.GrammarCompiler:
@@ -122,3 +141,50 @@ class TokenMasks:
         else:
             xgr.apply_token_bitmask_inplace(sub, mask.to(sub.device))
         logits[rows] = sub
+
+
+def error_message(kind: str, e: Exception) -> str:
+    """xgrammar's message without its C++ prefix ("[hh:mm:ss] /path/file.cc:94: Check failed: ...: ")."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    text = re.sub(r"^Check failed: \(.*?\) is false: ", "", text)
+    return f"invalid {kind}: {text[:300]}"
+
+
+def json_schema_for_xgrammar(source: str) -> str:
+    """The schema with every length-bounded plain string (no pattern, format, enum or const) given
+    as a pattern of printable ASCII (see the module docstring); other text unchanged."""
+    try:
+        schema = json.loads(source)
+    except ValueError:
+        return source  # xgrammar reports the syntax error
+    return json.dumps(_bound_strings(schema)) if _has_bounded_string(schema) else source
+
+
+def _has_bounded_string(node: Any) -> bool:
+    if isinstance(node, dict):
+        return _is_bounded_string(node) or any(_has_bounded_string(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_bounded_string(v) for v in node)
+    return False
+
+
+def _is_bounded_string(node: dict[str, Any]) -> bool:
+    return (
+        node.get("type") == "string"
+        and ("minLength" in node or "maxLength" in node)
+        and not any(k in node for k in ("pattern", "format", "enum", "const"))
+    )
+
+
+def _bound_strings(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_bound_strings(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bound_strings(v) for k, v in node.items()}
+    if _is_bounded_string(node):
+        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        upper = "" if hi is None else str(int(hi))
+        out["pattern"] = f"^[ !#-\\[\\]-~]{{{lo},{upper}}}$"
+    return out

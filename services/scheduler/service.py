@@ -178,6 +178,9 @@ class SchedulerService(Service):
         else:
             inputs = await self.world.share_inputs(None)
             reqs = [Req.from_msg(m) for m in inputs.reqs]
+        constraints = [r.sampling.grammar for r in reqs if r.sampling.grammar is not None]
+        if constraints:  # compiled off the event loop; engine.add then finds them cached
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.grammars.prepare, constraints)
         for req in reqs:
             self.engine.add(req)
         for rid in inputs.aborts:

@@ -12,7 +12,6 @@ import msgspec
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.tools import parse_tools, render_chat
 from shared.messages import GenerateRequest, RequestError, TokenizedRequest
-from shared.structured_output import check_syntax
 
 
 def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | RequestError:
@@ -27,8 +26,6 @@ def validate(req: GenerateRequest, tok: TextTokenizer) -> TokenizedRequest | Req
     if defaults:
         sampling = msgspec.structs.replace(sampling, **defaults)
     problem = sampling.problem()
-    if problem is None and sampling.grammar is not None:
-        problem = check_syntax(*sampling.grammar)
     if problem is not None:
         return reject(problem)
     bad_stop = next((t for t in sampling.stop_token_ids if t >= tok.vocab_size), None)

@@ -16,12 +16,11 @@ import torch
 import xgrammar as xgr
 
 from services.scheduler.cpu import load_apply_token_bitmask
-from services.scheduler.grammar import TokenMasks
+from services.scheduler.grammar import TokenMasks, json_schema_for_xgrammar
 from services.scheduler.request import Req
 from services.tokenizer.tokenize import TextTokenizer
 from services.tokenizer.validate import validate
 from shared.messages import GenerateRequest, RequestError, SamplingParams, TokenizedRequest
-from shared.structured_output import check_syntax, json_schema_for_xgrammar
 from tests.structured import MAX_NEW_TOKENS, check_json, check_regex, random_regex, random_schema
 from tests.unit.test_engine import Rig, make_req, prompts, run, workload
 
@@ -100,20 +99,21 @@ def test_ebnf(rig: Rig) -> None:
     ],
 )
 def test_a_bad_constraint_is_refused_with_its_reason(rig: Rig, kind: str, source: str, reason: str) -> None:
-    problem = check_syntax(kind, source)
-    assert problem is not None and problem.startswith(reason), problem
-    done = run(rig.engine(), [constrained("bad", [5, 6], 0, **{kind: source})])
-    assert done["bad"].finish is not None and done["bad"].finish.type == "abort"
-    assert done["bad"].finish.message == problem and done["bad"].ids == []
+    engine = rig.engine()
+    engine.grammars.prepare([(kind, source)])
+    engine.grammars.prepare([(kind, source)])  # the failure is cached too
+    assert engine.grammars.compiles == 1
+    done = run(engine, [constrained("bad", [5, 6], 0, **{kind: source})])
+    finish = done["bad"].finish
+    assert finish is not None and finish.type == "abort" and finish.status == 400
+    assert finish.message is not None and finish.message.startswith(reason), finish.message
+    assert done["bad"].ids == [] and engine.grammars.compiles == 1
 
 
-def test_the_tokenizer_refuses_a_bad_constraint_before_dispatch(tmp_path: Path) -> None:
+def test_the_tokenizer_refuses_two_constraints(tmp_path: Path) -> None:
     from tests.unit.test_tokenizer import write_model
 
     tok = TextTokenizer(str(write_model(tmp_path)))
-    bad = GenerateRequest(rid="x", gateway_id="g", text="hi", sampling=SamplingParams(regex="(a"))
-    out = validate(bad, tok)
-    assert isinstance(out, RequestError) and out.status == 400 and out.message.startswith("invalid regex: ")
     two = GenerateRequest(rid="y", gateway_id="g", text="hi", sampling=SamplingParams(regex="a", ebnf='root ::= "a"'))
     out = validate(two, tok)
     assert isinstance(out, RequestError) and "at most one of json_schema, regex and ebnf" in out.message
