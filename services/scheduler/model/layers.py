@@ -61,8 +61,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] (float32), with linear or llama3 scaling applied."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies [head_dim // 2] (float32), with linear or llama3 scaling applied.
+    Computed on the CPU and moved to the default device (see on_default_device)."""
+    return on_default_device(_rope_inv_freq(head_dim, theta, scaling))
+
+
+def on_default_device(cpu: torch.Tensor) -> torch.Tensor:
+    """A buffer computed on the CPU, moved to the default device. The loader builds models under
+    `torch.device("meta")`, where arithmetic runs torch's Python meta kernels, whose first use
+    imports torch._dynamo and sympy (seconds of every scheduler's start); the loader recomputes
+    these buffers on the real device anyway."""
+    return cpu.to(torch.get_default_device())
+
+
+def _rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    arange = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (theta ** (arange.float() / head_dim))
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import safe_open
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from services.scheduler.model.base import CausalLM
 from services.scheduler.model.config import ModelConfig
@@ -63,7 +64,7 @@ def load_model(
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
 
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipNormalInit():
         model = get_model_class(config.architecture)(config, linears)
     params = dict(model.named_parameters(remove_duplicate=False))
     # parameter name -> (its module, if that module cuts a shard from the full tensor; local name)
@@ -146,6 +147,20 @@ def _attach_gguf_blocks(model: nn.Module, path: Path, config: ModelConfig) -> No
             module = modules.get(owner)
             if type(module) is nn.Linear and name in types:
                 module.gguf_blocks = (types[name], sf.get_tensor(name))
+
+
+class _SkipNormalInit(TorchFunctionMode):
+    """Skips `normal_` (nn.Embedding's initializer) while the skeleton is built on the meta device,
+    where it would only mark values the checkpoint replaces. On meta it runs torch's Python kernel,
+    whose first call imports torch._dynamo: seconds of every scheduler's start."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in (nn.init.normal_, torch.Tensor.normal_):
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def _init_buffers(model: nn.Module, device: torch.device | str) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from services.scheduler.model.batch import ForwardBatch
 from services.scheduler.model.config import MLAConfig, ModelConfig, RopeScaling
-from services.scheduler.model.layers import RMSNorm, Rotary
+from services.scheduler.model.layers import RMSNorm, Rotary, on_default_device
 from services.scheduler.model.parallel import Linears
 
 
@@ -47,8 +47,13 @@ def yarn_softmax_scale(qk_head_dim: int, s: RopeScaling | None) -> float:
 
 def deepseek_inv_freq(dim: int, theta: float, s: RopeScaling | None) -> torch.Tensor:
     """Inverse frequencies [dim // 2] (float32); YaRN blends interpolated (low-frequency) and
-    extrapolated (high-frequency) bands with a linear ramp between the correction dims."""
-    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolated (high-frequency) bands with a linear ramp between the correction dims. Computed on
+    the CPU and moved to the default device (see layers.on_default_device)."""
+    return on_default_device(_deepseek_inv_freq(dim, theta, s))
+
+
+def _deepseek_inv_freq(dim: int, theta: float, s: RopeScaling | None) -> torch.Tensor:
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     extrapolated = 1.0 / pos_freqs
     if s is None:
         return extrapolated
@@ -67,7 +72,7 @@ def deepseek_inv_freq(dim: int, theta: float, s: RopeScaling | None) -> torch.Te
     high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
     return interpolated * (1 - keep) + extrapolated * keep
 
