@@ -18,11 +18,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    import torch
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 
@@ -166,6 +167,10 @@ def _make_readable(d: Path) -> None:
 
 
 def _write_checkpoint(d: Path, arch: str, seed: int, sizes: dict[str, int]) -> None:
+    # torch only here: `dpserve serve` imports this module for ARCHITECTURES, and importing torch
+    # would add seconds to every launcher start
+    from safetensors.torch import save_file
+
     tokenizer = train_tokenizer()
     tokenizer.save(str(d / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -285,6 +290,8 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]
     scaled so logits have std ~3: greedy argmaxes are then far apart relative to float32 noise,
     and batched-vs-alone comparisons do not flip on near-ties.
     """
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     if config["architectures"][0].startswith("Deepseek"):
         return _deepseek_weights(config, g)
@@ -319,6 +326,8 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]
 
 def _deepseek_weights(config: dict[str, Any], g: torch.Generator) -> dict[str, torch.Tensor]:
     """HF-named DeepSeek weights (experts one module each, as DeepSeek's checkpoints store them)."""
+    import torch
+
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, q_lora, kv_lora = config["num_attention_heads"], config["q_lora_rank"], config["kv_lora_rank"]
     nope, rope, v = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
