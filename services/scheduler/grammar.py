@@ -125,22 +125,20 @@ class TokenMasks:
         self._apply = load_apply_token_bitmask()
 
     def apply(self, logits: torch.Tensor, matchers: list[Any]) -> None:
-        """In place. matchers[i]: row i's matcher, or None for an unconstrained row."""
+        """In place on logits [B, vocab]. matchers[i]: row i's matcher, or None for an unconstrained
+        row, whose mask stays all ones (the C kernel skips such words at a load each)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return
         import xgrammar as xgr
 
-        vocab = logits.shape[1]
-        mask = xgr.allocate_token_bitmask(len(rows), vocab)
-        for j, i in enumerate(rows):
-            matchers[i].fill_next_token_bitmask(mask, j)
-        sub = logits[rows].contiguous()
-        if self._apply is not None and sub.dtype == torch.float32 and sub.device.type == "cpu":
-            self._apply(sub, mask)
+        mask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])  # all ones
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(mask, i)
+        if self._apply is not None and logits.dtype == torch.float32 and logits.is_contiguous() and logits.device.type == "cpu":
+            self._apply(logits, mask)
         else:
-            xgr.apply_token_bitmask_inplace(sub, mask.to(sub.device))
-        logits[rows] = sub
+            xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=rows)
 
 
 def error_message(kind: str, e: Exception) -> str:
