@@ -42,11 +42,19 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+# fields whose value is a JSON Schema, where null is data (`"enum": [1, null]`, `"const": null`)
+JSON_SCHEMA_FIELDS = frozenset({"schema", "parameters"})
+
+
 def without_nulls(value: Any, deep: bool = False) -> Any:
     """`null` means the default: an object's null fields, dropped; `deep`: in every object within
-    (lists included), else only in `value` itself."""
+    (lists included) but the JSON Schemas (JSON_SCHEMA_FIELDS, kept verbatim), else only in `value`."""
     if isinstance(value, dict):
-        return {k: without_nulls(v, deep) if deep else v for k, v in value.items() if v is not None}
+        return {
+            k: without_nulls(v, deep) if deep and k not in JSON_SCHEMA_FIELDS else v
+            for k, v in value.items()
+            if v is not None
+        }
     if deep and isinstance(value, list):
         return [without_nulls(v, deep) for v in value]
     return value

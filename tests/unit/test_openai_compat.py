@@ -341,3 +341,36 @@ async def test_tokenize_without_a_tokenizer_is_503(gw: Harness) -> None:
     assert resp.status == 503
     resp = await gw.client.post("/tokenize", json={"text": "a"})
     assert resp.status == 400
+
+
+def test_nulls_inside_json_schemas_are_data_not_defaults() -> None:
+    """A body's nulls mean "the default" except inside a JSON Schema (response_format's `schema`,
+    a tool's `parameters`), where `"enum": [..., null]` must reach the grammar as written."""
+    from services.gateway.openai_fields import ChatBody
+    from services.gateway.openai_protocol import decode_body
+    from services.gateway.tool_choice import output_constraint, plan_tools
+
+    schema = {"type": "object", "properties": {"x": {"enum": ["a", None]}, "y": {"const": None}}, "required": ["x"]}
+    body = decode_body(json.dumps({
+        "messages": [{"role": "user", "content": "hi", "name": None}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": None}},
+        "temperature": None,
+    }).encode(), ChatBody)
+    assert json.loads(output_constraint(body, plan_tools(body))["json_schema"]) == schema
+    params = {"type": "object", "properties": {"v": {"enum": [None, 1]}}}
+    body = decode_body(json.dumps({
+        "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": params, "description": None}}],
+    }).encode(), ChatBody)
+    forced = json.loads(output_constraint(body, plan_tools(body))["json_schema"])
+    assert _find(forced, "v") == {"enum": [None, 1]}
+
+
+def _find(node: Any, key: str) -> Any:
+    if isinstance(node, dict):
+        if key in node.get("properties", {}):
+            return node["properties"][key]
+        return next((f for v in node.values() if (f := _find(v, key)) is not None), None)
+    if isinstance(node, list):
+        return next((f for v in node if (f := _find(v, key)) is not None), None)
+    return None
