@@ -108,3 +108,22 @@ def test_mla_kv_capacity_scales_with_dp_size(server_factory, dpa_server, model: 
     assert [s["max_total_num_tokens"] for s in dpa] == [per_rank, per_rank]
     assert sum(s["max_total_num_tokens"] for s in dpa) == 2 * sum(s["max_total_num_tokens"] for s in plain)
     assert f"max_total_num_tokens={per_rank}" in dpa_server.log()
+
+
+def test_structured_outputs_on_both_groups(dpa_server) -> None:
+    """A grammar runs on every TP rank of a DP-attention group in lockstep (each rank masks and
+    samples the same row): the constrained outputs of both groups validate."""
+    import json
+
+    from tests.structured import check_json, check_regex
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+              "tag": {"enum": ["x", "y"]}}, "required": ["ok", "n", "tag"]}
+    for rank in (0, 1):
+        out = generate(dpa_server.url, input_ids=[5, 6, 7], routed_dp_rank=rank, sampling_params={
+            "temperature": 1.0, "seed": rank, "max_new_tokens": 80, "json_schema": json.dumps(schema)})
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        check_json(out["text"], schema)
+        out = generate(dpa_server.url, input_ids=[8, 9], routed_dp_rank=rank, sampling_params={
+            "temperature": 1.0, "seed": rank, "max_new_tokens": 40, "regex": "(ab|cd)-[0-9]{2,4}"})
+        check_regex(out["text"], "(ab|cd)-[0-9]{2,4}")
