@@ -33,6 +33,9 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 
+# --device sim's GPU profiles (services.scheduler.sim.cost.HARDWARE).
+SIM_HARDWARE = ("a100", "h100", "h200", "h20")
+
 # `--help` sections, in order: title -> what the section covers.
 GROUPS = {
     "model": "what is served and how it computes",
@@ -65,7 +68,13 @@ class ServerArgs:
                               "of its config.json", "model")
     dtype: str = arg("auto", "Data type for model weights and activations; auto: the checkpoint's half type "
                      "where the device computes it natively, else float32", "model", choices=DTYPES)
-    device: str = arg("cpu", "The device to use (cpu, cuda, cuda:N)", "model")
+    device: str = arg("cpu", "The device to use (cpu, cuda, cuda:N; sim: no model, each step sleeps for a "
+                      "roofline model's time on --sim-hardware; needs config.json and a tokenizer only)", "model")
+    sim_hardware: str = arg("h100", "--device sim: the simulated GPU (its FLOP/s, HBM bandwidth, memory and "
+                            "links)", "model", choices=SIM_HARDWARE)
+    sim_time_scale: float = arg(1.0, "--device sim: sleep this many times the modeled step time (> 1 slows "
+                                "the simulation so the scheduler's CPU time weighs less; divide latencies "
+                                "by it)", "model")
     attention_backend: str = arg("auto", "Choose the kernels for attention layers; auto: triton on CUDA, "
                                  "torch elsewhere", "model", choices=ATTENTION_BACKENDS)
     torch_threads: int = arg(0, "CPU threads per scheduler process; 0: serve divides the cores among its "
@@ -221,6 +230,10 @@ class ServerArgs:
             raise ValueError(f"unknown --attention-backend {self.attention_backend}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype} ({' | '.join(DTYPES)})")
+        if self.sim_hardware not in SIM_HARDWARE:
+            raise ValueError(f"unknown --sim-hardware {self.sim_hardware} ({' | '.join(SIM_HARDWARE)})")
+        if self.sim_time_scale <= 0:
+            raise ValueError("--sim-time-scale must be > 0")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"unknown --schedule-policy {self.schedule_policy} ({' | '.join(SCHEDULE_POLICIES)})")
         if self.nats_token and (self.nats_user or self.nats_password):

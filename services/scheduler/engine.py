@@ -11,6 +11,7 @@ waiting ones, in one mixed forward; a request emits a token when its feed reache
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -86,7 +87,16 @@ class StepOutcome:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, tokenizer: Tokenizer, cfg: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        pool: KVPool,
+        tokenizer: Tokenizer,
+        cfg: EngineConfig,
+        make_runner: Callable[[KVPool, ReqToTokenTable], ModelRunner] | None = None,
+    ) -> None:
+        """`make_runner`: builds the runner over the pool and the table instead of a ModelRunner
+        over `model` (`--device sim`: services/scheduler/sim/runner.py)."""
         self.pool = pool
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -102,7 +112,11 @@ class Engine:
             self.cache,
         )
         self.decode = DecodeManager(self.cache)
-        self.runner = ModelRunner(model, pool, self.table, cfg.eos_token_ids)
+        if make_runner is not None:
+            self.runner = make_runner(pool, self.table)
+        else:
+            assert model is not None, "an engine needs a model or make_runner"
+            self.runner = ModelRunner(model, pool, self.table, cfg.eos_token_ids)
         self.grammars = Grammars(tokenizer, cfg.vocab_size, cfg.eos_token_ids)
         self.finished_early: list[Req] = []  # ended outside a step (abort, rejected); reported next update
 

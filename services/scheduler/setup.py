@@ -94,6 +94,10 @@ class Rank:
 
 def build_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) -> Rank:
     """Joins the world (when distributed), loads the model and sizes the KV pool. Forward thread."""
+    if args.device == "sim":  # no model: services/scheduler/sim/
+        from services.scheduler.sim.rank import build_sim_rank
+
+        return build_sim_rank(args, layout, log)
     if layout.distributed:
         if not args.dist_init_addr:
             raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
