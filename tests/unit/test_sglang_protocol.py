@@ -100,6 +100,29 @@ async def test_a_feature_dpserve_lacks_is_400_naming_it(gw: Harness, body: dict[
     assert gw.bus.sent == []
 
 
+def test_the_bodies_sglangs_frontend_sends_are_read_field_by_field() -> None:
+    # sglang 0.5.10.post1's RuntimeEndpoint.generate (identical in 0.5.23): every sampling field, unset
+    # ones at SGLang's defaults (stop_regex [], top_k -1), regex / json_schema null unless asked for
+    gen = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "max_new_tokens": 8,
+           "min_new_tokens": 0, "n": 1, "stop": ["\n"], "stop_token_ids": [], "stop_regex": [],
+           "temperature": 0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0,
+           "presence_penalty": 0.0, "ignore_eos": False, "regex": "[0-9]+", "json_schema": None}
+    call = parse({"text": "Q: hi\nA:", "sampling_params": gen, "return_logprob": True, "top_logprobs_num": 2})
+    (req,) = call.reqs
+    assert not call.batch and call.ignored == []
+    s = req.sampling
+    assert (s.max_new_tokens, s.stop, s.temperature, s.top_k, s.regex, s.json_schema) == (8, ["\n"], 0, -1, "[0-9]+", None)
+    assert req.return_logprob and req.top_logprobs_num == 2 and req.logprob_start_len == -1
+    # select: the shared prefix prefilled alone, then every choice scored in one batch
+    (prefix,) = parse({"text": "The sky is", "sampling_params": {"max_new_tokens": 0}}).reqs
+    assert prefix.sampling.max_new_tokens == 0 and not prefix.return_logprob
+    scored = parse({"text": ["The sky is blue", "The sky is red"], "return_logprob": True,
+                    "return_text_in_logprobs": True, "logprob_start_len": 2,
+                    "sampling_params": {"max_new_tokens": 0, "temperature": 0}})
+    assert scored.batch and scored.text_in_logprobs and len(scored.reqs) == 2
+    assert all(r.return_logprob and r.logprob_start_len == 2 and r.sampling.max_new_tokens == 0 for r in scored.reqs)
+
+
 def test_a_lacking_feature_at_its_default_is_accepted() -> None:
     body = {"text": "a", "lora_path": None, "image_data": [], "return_hidden_states": False,
             "routed_experts_start_len": 0, "sampling_params": {"regex": None, "no_stop_trim": False}}
