@@ -1,0 +1,188 @@
+"""The seed's load-balance experiment on simulated GPUs (`--device sim`): per deployment and
+load-balance method, a fresh `dpserve serve`, 100 ShareGPT-like requests at once (SGLang's
+`bench_serving --num-prompt 100`, request rate inf), SGLang's columns and the ratios to
+round_robin, next to the seed's published numbers (DeepSeek-R1, tp 16 + DP attention, 2 nodes).
+
+Deployments (--configs):
+  dsv3-dpa16   DeepSeek-V3 shapes (fp8), tp 16 with DP attention (16 DP groups): 16 scheduler
+               processes in ONE torch.distributed (gloo) world, each step in lockstep, on H20s
+  llama-dpN    Llama-70B shapes (fp8), N independent replicas of one H200 each (N = 16, 32, 64)
+
+The scheduler processes share this machine's CPUs, and their own work per step (bus, schedule,
+plan, update, the lockstep's collectives) is real time the modeled GPU time does not include.
+--time-scale S makes every simulated step sleep S times its modeled time, so that work weighs
+S times less; every latency printed is divided by S (throughput multiplied) back to GPU time.
+The per-step CPU time the schedulers report ("sim stats" lines) is printed with the results.
+
+    .venv/bin/python benchmarks/bench_lb_sim.py [--configs dsv3-dpa16,llama-dp16] \
+        [--methods round_robin,minimum_tokens] [--time-scale 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.launcher.supervisor import free_port  # noqa: E402
+from services.scheduler.sim.checkpoints import write_sim_checkpoint  # noqa: E402
+
+CORPUS = ROOT / "services" / "launcher" / "corpus" / "english.txt"
+# SGLang's published result (DeepSeek-R1, tp 16 + DP attention, 2 nodes, bench_serving --num-prompt 100)
+SEED = {"round_robin": {"mean_ttft_ms": 6945, "p99_ttft_ms": 14878, "p99_itl_ms": 1461},
+        "minimum_tokens": {"mean_ttft_ms": 4768, "p99_ttft_ms": 9761, "p99_itl_ms": 865}}
+CONFIGS: dict[str, tuple[str, list[str], int]] = {  # name -> (sim checkpoint, serve flags, DP ranks)
+    "dsv3-dpa16": ("deepseek-v3", ["--tp-size", "16", "--dp-size", "16", "--enable-dp-attention",
+                                   "--sim-hardware", "h20"], 16),
+    **{f"llama-dp{n}": ("llama-70b", ["--dp-size", str(n), "--sim-hardware", "h200"], n) for n in (16, 32, 64)},
+}
+COLUMNS = [("mean_ttft_ms", "mean TTFT ms"), ("median_ttft_ms", "median TTFT ms"), ("p99_ttft_ms", "P99 TTFT ms"),
+           ("mean_itl_ms", "mean ITL ms"), ("p99_itl_ms", "P99 ITL ms"), ("output_throughput", "out tok/s")]
+
+
+def sharegpt_like(path: Path, n: int, seed: int) -> None:
+    """Conversations with long-tailed (Pareto) prompt and reply lengths, ShareGPT's shape after
+    SGLang's filter (prompt <= 1024 tokens, prompt + reply <= 2048): most short, a few long."""
+    rng = random.Random(seed)
+    words = CORPUS.read_text().split()
+    convs = []
+    for _ in range(n):
+        p = min(int(rng.paretovariate(1.1) * 50), 600)
+        r = min(int(rng.paretovariate(1.2) * 70), 700)
+        convs.append({"conversations": [{"from": "human", "value": " ".join(rng.choices(words, k=p))},
+                                        {"from": "gpt", "value": " ".join(rng.choices(words, k=r))}]})
+    path.write_text(json.dumps(convs))
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def serve(model: Path, flags: list[str], ranks: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model), "--port", str(port),
+            "--device", "sim", "--torch-threads", "1", "--context-length", "4096", "--log-level", "info", *flags]
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            live = [r for r in get_json(url + "/get_loads")["ranks"] if r["status"] == "live"]
+            if len(live) == ranks:
+                return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start; see {log}")
+        time.sleep(1.0)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def sim_stats(log: Path) -> tuple[float, float]:
+    """(mean CPU ms per step, mean modeled ms per step) over the ranks' last "sim stats" lines."""
+    last: dict[str, tuple[float, float]] = {}
+    pattern = (r"scheduler\[(\d+)\] sim stats steps=(\d+) modeled_s=([\d.]+) busy_steps=\d+ busy_cpu_s=[\d.]+ "
+               r"cpu_per_step_ms=([\d.]+)")
+    for m in re.finditer(pattern, log.read_text(errors="replace")):
+        last[m.group(1)] = (float(m.group(4)), 1000 * float(m.group(3)) / int(m.group(2)))
+    if not last:
+        return float("nan"), float("nan")
+    return statistics.mean(c for c, _ in last.values()), statistics.mean(s for _, s in last.values())
+
+
+def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
+    ckpt, flags, ranks = CONFIGS[config]
+    model = work / ckpt
+    log = work / f"{config}-{method}.log"
+    t0 = time.monotonic()
+    proc, url = serve(model, flags + ["--load-balance-method", method, "--sim-time-scale", str(ns.time_scale)],
+                      ranks, log)
+    started = time.monotonic() - t0
+    out = work / f"{config}-{method}.jsonl"
+    try:
+        time.sleep(2.0)
+        subprocess.run(
+            [sys.executable, "-m", "services.launcher", "bench", "--base-url", url, "--tokenizer", str(model),
+             "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", str(ns.num_prompts),
+             "--request-rate", "inf", "--seed", str(ns.seed), "--output-file", str(out)],
+            check=True, capture_output=True, cwd=ROOT, timeout=1800,
+        )
+        time.sleep(STATS_WAIT_S)  # one more "sim stats" line from every rank
+    finally:
+        stop(proc)
+    rec = json.loads(out.read_text().splitlines()[-1])
+    s = ns.time_scale
+    row = {k: rec[k] / s for k, _ in COLUMNS if k != "output_throughput"}
+    row["output_throughput"] = rec["output_throughput"] * s
+    row["completed"] = rec.get("completed")
+    row["cpu_ms_per_step"], row["modeled_ms_per_step"] = sim_stats(log)
+    row["startup_s"] = started
+    print(f"{config} {method}: {json.dumps(row)}", flush=True)
+    return row
+
+
+STATS_WAIT_S = 6.0
+
+
+def table(config: str, rows: dict[str, dict[str, Any]], scale: float) -> str:
+    base = rows.get("round_robin")
+    head = "| method | " + " | ".join(h for _, h in COLUMNS) + " | P99 TTFT / rr | P99 ITL / rr | mean TTFT / rr "
+    head += "| sched CPU ms/step | modeled ms/step |"
+    lines = [f"**{config}** (latencies in simulated GPU time; --sim-time-scale {scale})", "", head,
+             "|" + " --- |" * (len(COLUMNS) + 6)]
+    for method, r in rows.items():
+        ratio = [f"{r[k] / base[k]:.2f}" if base else "-" for k in ("p99_ttft_ms", "p99_itl_ms", "mean_ttft_ms")]
+        lines.append(f"| {method} | " + " | ".join(f"{r[k]:.0f}" for k, _ in COLUMNS) + " | " + " | ".join(ratio)
+                     + f" | {r['cpu_ms_per_step']:.2f} | {r['modeled_ms_per_step']:.1f} |")
+    if config.startswith("dsv3"):
+        for method, v in SEED.items():
+            rr = SEED["round_robin"]
+            lines.append(f"| seed {method} (R1, 16 GPUs) | {v['mean_ttft_ms']} | - | {v['p99_ttft_ms']} | - | "
+                         f"{v['p99_itl_ms']} | - | {v['p99_ttft_ms'] / rr['p99_ttft_ms']:.2f} | "
+                         f"{v['p99_itl_ms'] / rr['p99_itl_ms']:.2f} | {v['mean_ttft_ms'] / rr['mean_ttft_ms']:.2f} | - | - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", default="dsv3-dpa16,llama-dp16")
+    p.add_argument("--methods", default="round_robin,minimum_tokens")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--time-scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--work", default="")
+    ns = p.parse_args()
+    work = Path(ns.work or tempfile.mkdtemp(prefix="bench_lb_sim_"))
+    work.mkdir(parents=True, exist_ok=True)
+    for ckpt in {CONFIGS[c][0] for c in ns.configs.split(",")}:
+        write_sim_checkpoint(work / ckpt, ckpt)
+    data = work / "sharegpt_like.json"
+    sharegpt_like(data, ns.num_prompts * 3, ns.seed)
+    print(f"work dir {work}", flush=True)
+    for config in ns.configs.split(","):
+        rows = {m: run_one(config, m, ns, work, data) for m in ns.methods.split(",")}
+        print("\n" + table(config, rows, ns.time_scale) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
