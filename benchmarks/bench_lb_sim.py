@@ -12,7 +12,10 @@ The scheduler processes share this machine's CPUs, and their own work per step (
 plan, update, the lockstep's collectives) is real time the modeled GPU time does not include.
 --time-scale S makes every simulated step sleep S times its modeled time, so that work weighs
 S times less; every latency printed is divided by S (throughput multiplied) back to GPU time.
-The per-step CPU time the schedulers report ("sim stats" lines) is printed with the results.
+A sim step starts when the previous one ended, so the schedulers' CPU work between steps runs
+inside the modeled time (as under SGLang's overlap scheduler); a step whose CPU work outlasted
+the scaled modeled time is "late" and ran longer than modeled. The per-step CPU time and the share
+of late steps the schedulers report ("sim stats" lines) are printed with the results.
 
     .venv/bin/python benchmarks/bench_lb_sim.py [--configs dsv3-dpa16,llama-dp16] \
         [--methods round_robin,minimum_tokens] [--time-scale 3]
@@ -98,16 +101,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def sim_stats(log: Path) -> tuple[float, float]:
-    """(mean CPU ms per step, mean modeled ms per step) over the ranks' last "sim stats" lines."""
-    last: dict[str, tuple[float, float]] = {}
+def sim_stats(log: Path) -> tuple[float, float, float]:
+    """(mean CPU ms per busy step, mean modeled ms per step, share of late steps) over the ranks'
+    last "sim stats" lines."""
+    last: dict[str, tuple[float, float, float]] = {}
     pattern = (r"scheduler\[(\d+)\] sim stats steps=(\d+) modeled_s=([\d.]+) busy_steps=\d+ busy_cpu_s=[\d.]+ "
-               r"cpu_per_step_ms=([\d.]+)")
+               r"cpu_per_step_ms=([\d.]+) late_steps=(\d+)")
     for m in re.finditer(pattern, log.read_text(errors="replace")):
-        last[m.group(1)] = (float(m.group(4)), 1000 * float(m.group(3)) / int(m.group(2)))
+        steps = int(m.group(2))
+        last[m.group(1)] = (float(m.group(4)), 1000 * float(m.group(3)) / steps, int(m.group(5)) / steps)
     if not last:
-        return float("nan"), float("nan")
-    return statistics.mean(c for c, _ in last.values()), statistics.mean(s for _, s in last.values())
+        return float("nan"), float("nan"), float("nan")
+    return tuple(statistics.mean(v[i] for v in last.values()) for i in range(3))  # type: ignore[return-value]
 
 
 def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
@@ -135,7 +140,7 @@ def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: 
     row = {k: rec[k] / s for k, _ in COLUMNS if k != "output_throughput"}
     row["output_throughput"] = rec["output_throughput"] * s
     row["completed"] = rec.get("completed")
-    row["cpu_ms_per_step"], row["modeled_ms_per_step"] = sim_stats(log)
+    row["cpu_ms_per_step"], row["modeled_ms_per_step"], row["late_share"] = sim_stats(log)
     row["startup_s"] = started
     print(f"{config} {method}: {json.dumps(row)}", flush=True)
     return row
@@ -147,19 +152,19 @@ STATS_WAIT_S = 6.0
 def table(config: str, rows: dict[str, dict[str, Any]], scale: float) -> str:
     base = rows.get("round_robin")
     head = "| method | " + " | ".join(h for _, h in COLUMNS) + " | P99 TTFT / rr | P99 ITL / rr | mean TTFT / rr "
-    head += "| sched CPU ms/step | modeled ms/step |"
+    head += "| sched CPU ms/step | modeled ms/step | late steps |"
     lines = [f"**{config}** (latencies in simulated GPU time; --sim-time-scale {scale})", "", head,
-             "|" + " --- |" * (len(COLUMNS) + 6)]
+             "|" + " --- |" * (len(COLUMNS) + 7)]
     for method, r in rows.items():
         ratio = [f"{r[k] / base[k]:.2f}" if base else "-" for k in ("p99_ttft_ms", "p99_itl_ms", "mean_ttft_ms")]
         lines.append(f"| {method} | " + " | ".join(f"{r[k]:.0f}" for k, _ in COLUMNS) + " | " + " | ".join(ratio)
-                     + f" | {r['cpu_ms_per_step']:.2f} | {r['modeled_ms_per_step']:.1f} |")
+                     + f" | {r['cpu_ms_per_step']:.2f} | {r['modeled_ms_per_step']:.1f} | {r['late_share']:.0%} |")
     if config.startswith("dsv3"):
         for method, v in SEED.items():
             rr = SEED["round_robin"]
             lines.append(f"| seed {method} (R1, 16 GPUs) | {v['mean_ttft_ms']} | - | {v['p99_ttft_ms']} | - | "
                          f"{v['p99_itl_ms']} | - | {v['p99_ttft_ms'] / rr['p99_ttft_ms']:.2f} | "
-                         f"{v['p99_itl_ms'] / rr['p99_itl_ms']:.2f} | {v['mean_ttft_ms'] / rr['mean_ttft_ms']:.2f} | - | - |")
+                         f"{v['p99_itl_ms'] / rr['p99_itl_ms']:.2f} | {v['mean_ttft_ms'] / rr['mean_ttft_ms']:.2f} | - | - | - |")
     return "\n".join(lines)
 
 
