@@ -143,8 +143,9 @@ class SimRunner(ModelRunner):
         # back to back: this step began when the last one ended, so the scheduler's CPU work in
         # between (update, publish, schedule, plan, collectives) runs inside the modeled time, as
         # with SGLang's overlap scheduler; it shows only where it is longer (a late step)
-        start = self.last_end if now - self.last_end < budget else now
-        late = now > start + budget
+        gap = now - self.last_end
+        start = self.last_end if gap < budget else now
+        late = budget <= gap < budget + SimStats.BUSY_GAP_S  # busy, but the CPU work outlasted the step
         time.sleep(max(0.0, start + budget - now))
         self.last_end = max(now, start + budget)
         self.stats.step(cost, late)
