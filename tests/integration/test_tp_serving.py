@@ -24,13 +24,14 @@ def references(models: dict[str, Path]) -> dict[str, list[tuple[list[int], list[
     return {arch: reference(d) for arch, d in models.items()}
 
 
-def _check(server, refs: list[tuple[list[int], list[int]]], routed: list[int | None]) -> None:  # noqa: ANN001
+def _check(server, refs: list[tuple[list[int], list[int]]], routed: list[int | None], max_new: int = MAX_NEW) -> None:  # noqa: ANN001
+    """Each prompt on each rank in `routed`: the first `max_new` greedy tokens equal the reference's."""
     for rank in routed:
         for prompt, expected in refs:
-            body = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+            body = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
             extra = {} if rank is None else {"routed_dp_rank": rank}
             out = generate(server.url, input_ids=prompt, sampling_params=body, **extra)
-            assert out["output_ids"] == expected, (len(prompt), rank)
+            assert out["output_ids"] == expected[:max_new], (len(prompt), rank)
 
 
 LAYOUTS = [
@@ -57,6 +58,9 @@ def test_greedy_matches_transformers(server_factory, models, references, arch: s
     server.stop()
 
 
+# Under the interpreter a decode step costs about a second: 6 new tokens, not the 12 the torch
+# layouts check (a prefill, then 5 decode steps over 4..8 and 22..26 cached tokens: the same kernels).
+TRITON_MAX_NEW = 6
 TRITON_LAYOUTS = [
     pytest.param("deepseek_v3", [], id="v3-tp1"),
     # DP attention: latent attention per group, experts split over the ranks (the EP kernel path)
@@ -76,5 +80,5 @@ def test_triton_kernels_match_transformers(server_factory, models, references, a
     wait_ranks(server.url, dp)
     ranks = int(flags[flags.index("--tp-size") + 1]) if "--tp-size" in flags else 1  # DP attention: tp = world
     assert server.log().count("attention backend: triton (TritonMLABackend; DeepseekMoE") == ranks
-    _check(server, references[arch], list(range(dp)))
+    _check(server, references[arch], list(range(dp)), max_new=TRITON_MAX_NEW)
     server.stop()
