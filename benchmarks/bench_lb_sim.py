@@ -13,9 +13,9 @@ plan, update, the lockstep's collectives) is real time the modeled GPU time does
 --time-scale S makes every simulated step sleep S times its modeled time, so that work weighs
 S times less; every latency printed is divided by S (throughput multiplied) back to GPU time.
 A sim step starts when the previous one ended, so the schedulers' CPU work between steps runs
-inside the modeled time (as under SGLang's overlap scheduler); a step whose CPU work outlasted
-the scaled modeled time is "late" and ran longer than modeled. The per-step CPU time and the share
-of late steps the schedulers report ("sim stats" lines) are printed with the results.
+inside the modeled time (as under SGLang's overlap scheduler); where it outlasts the scaled
+modeled time the run is stretched. The per-step CPU time and the stretch (wall / modeled x S,
+from the schedulers' "sim stats" lines) are printed with the results.
 
     .venv/bin/python benchmarks/bench_lb_sim.py [--configs dsv3-dpa16,llama-dp16] \
         [--methods round_robin,minimum_tokens] [--time-scale 3]
@@ -101,18 +101,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def sim_stats(log: Path) -> tuple[float, float, float]:
-    """(mean CPU ms per busy step, mean modeled ms per step, share of late steps) over the ranks'
-    last "sim stats" lines."""
-    last: dict[str, tuple[float, float, float]] = {}
-    pattern = (r"scheduler\[(\d+)\] sim stats steps=(\d+) modeled_s=([\d.]+) busy_steps=\d+ busy_cpu_s=[\d.]+ "
-               r"cpu_per_step_ms=([\d.]+) late_steps=(\d+)")
+def sim_stats(log: Path, scale: float) -> dict[str, float]:
+    """Over the ranks' "sim stats" lines (logged every 5 s while a rank steps): mean CPU ms per busy
+    step, mean modeled ms per step, and the stretch: wall time between a rank's first and last
+    line over the modeled time it slept in between (x scale); 1.0 means the schedulers' CPU
+    work hid inside the modeled steps, 1.3 that the run went 30% slower than modeled."""
+    lines: dict[str, list[tuple[float, int, float, float]]] = {}
+    pattern = (r"(\d\d):(\d\d):(\d\d) INFO scheduler\[(\d+)\] sim stats steps=(\d+) modeled_s=([\d.]+) "
+               r"busy_steps=\d+ busy_cpu_s=[\d.]+ cpu_per_step_ms=([\d.]+)")
     for m in re.finditer(pattern, log.read_text(errors="replace")):
-        steps = int(m.group(2))
-        last[m.group(1)] = (float(m.group(4)), 1000 * float(m.group(3)) / steps, int(m.group(5)) / steps)
-    if not last:
-        return float("nan"), float("nan"), float("nan")
-    return tuple(statistics.mean(v[i] for v in last.values()) for i in range(3))  # type: ignore[return-value]
+        t = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3))
+        lines.setdefault(m.group(4), []).append((t, int(m.group(5)), float(m.group(6)), float(m.group(7))))
+    if not lines:
+        return {"cpu_ms_per_step": float("nan"), "modeled_ms_per_step": float("nan"), "stretch": float("nan")}
+    stretch = [(v[-1][0] - v[0][0]) / ((v[-1][2] - v[0][2]) * scale) for v in lines.values() if v[-1][2] > v[0][2]]
+    return {
+        "cpu_ms_per_step": statistics.mean(v[-1][3] for v in lines.values()),
+        "modeled_ms_per_step": statistics.mean(1000 * v[-1][2] / v[-1][1] for v in lines.values()),
+        "stretch": statistics.mean(stretch) if stretch else float("nan"),
+    }
 
 
 def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
@@ -140,7 +147,7 @@ def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: 
     row = {k: rec[k] / s for k, _ in COLUMNS if k != "output_throughput"}
     row["output_throughput"] = rec["output_throughput"] * s
     row["completed"] = rec.get("completed")
-    row["cpu_ms_per_step"], row["modeled_ms_per_step"], row["late_share"] = sim_stats(log)
+    row |= sim_stats(log, ns.time_scale)
     row["startup_s"] = started
     print(f"{config} {method}: {json.dumps(row)}", flush=True)
     return row
@@ -152,13 +159,13 @@ STATS_WAIT_S = 6.0
 def table(config: str, rows: dict[str, dict[str, Any]], scale: float) -> str:
     base = rows.get("round_robin")
     head = "| method | " + " | ".join(h for _, h in COLUMNS) + " | P99 TTFT / rr | P99 ITL / rr | mean TTFT / rr "
-    head += "| sched CPU ms/step | modeled ms/step | late steps |"
+    head += "| sched CPU ms/step | modeled ms/step | stretch |"
     lines = [f"**{config}** (latencies in simulated GPU time; --sim-time-scale {scale})", "", head,
              "|" + " --- |" * (len(COLUMNS) + 7)]
     for method, r in rows.items():
         ratio = [f"{r[k] / base[k]:.2f}" if base else "-" for k in ("p99_ttft_ms", "p99_itl_ms", "mean_ttft_ms")]
         lines.append(f"| {method} | " + " | ".join(f"{r[k]:.0f}" for k, _ in COLUMNS) + " | " + " | ".join(ratio)
-                     + f" | {r['cpu_ms_per_step']:.2f} | {r['modeled_ms_per_step']:.1f} | {r['late_share']:.0%} |")
+                     + f" | {r['cpu_ms_per_step']:.2f} | {r['modeled_ms_per_step']:.1f} | {r['stretch']:.2f} |")
     if config.startswith("dsv3"):
         for method, v in SEED.items():
             rr = SEED["round_robin"]
