@@ -117,9 +117,14 @@ def build_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) ->
     )
     pool = make_kv_pool(pool_config, size, dtype, args.device)
     tokenizer = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
-    cfg = EngineConfig.from_model(
+    return Rank(Engine(model, pool, tokenizer, engine_config(args, config, size)), sync, linears)
+
+
+def engine_config(args: ServerArgs, config: ModelConfig, pool_size: int) -> EngineConfig:
+    """The engine's limits: the serving flags over the model's own."""
+    return EngineConfig.from_model(
         config,
-        size,
+        pool_size,
         max_running_requests=args.max_running_requests,
         prefill_budget=args.max_prefill_tokens,
         context_length=args.context_length,
@@ -127,4 +132,3 @@ def build_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) ->
         schedule_policy=args.schedule_policy,
         disable_radix_cache=args.disable_radix_cache,
     )
-    return Rank(Engine(model, pool, tokenizer, cfg), sync, linears)

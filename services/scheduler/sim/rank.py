@@ -12,10 +12,10 @@ from tokenizers import Tokenizer
 
 from services.scheduler.dist_sync import GroupSync, init_world
 from services.scheduler.dp_attention import DPAttentionLinears, ParallelLayout, build_linears, new_attn_groups
-from services.scheduler.engine import Engine, EngineConfig
+from services.scheduler.engine import Engine
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.kv_pool import KVPool
-from services.scheduler.setup import Rank
+from services.scheduler.setup import Rank, engine_config
 from services.scheduler.sim.cost import HARDWARE, CostModel, ModelShape
 from services.scheduler.sim.runner import SimRunner
 from services.scheduler.table import ReqToTokenTable
@@ -55,16 +55,7 @@ def build_sim_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger
     size = sim_pool_size(args, cost)
     pool = SimKVPool(size)
     tokenizer = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
-    cfg = EngineConfig.from_model(
-        config,
-        size,
-        max_running_requests=args.max_running_requests,
-        prefill_budget=args.max_prefill_tokens,
-        context_length=args.context_length,
-        chunked_prefill_size=args.chunked_prefill_size,
-        schedule_policy=args.schedule_policy,
-        disable_radix_cache=args.disable_radix_cache,
-    )
+    cfg = engine_config(args, config, size)
     end = min(tokenizer.get_vocab_size(with_added_tokens=True), config.vocab_size)
     reserved = [*tokenizer.get_added_tokens_decoder(), *config.eos_token_ids]  # special ids, EOS among them
     token_range = (1 + max([-1, *(i for i in reserved if i < end)]), end)
