@@ -183,7 +183,8 @@ def serve(engine: Engine, prompts: list[list[int]], max_new: int, constraint: di
     generated = sum(len(r.output_ids) for r in reqs)
     if constraint:
         for r in reqs:
-            json.loads(engine.tokenizer.decode(r.output_ids))  # every output parses
+            if r.finish is not None and r.finish.type == "stop":  # complete (not cut by max_new_tokens)
+                json.loads(engine.tokenizer.decode(r.output_ids))
     return generated / elapsed, generated, decode_s / max(decode_steps, 1) * 1e3
 
 
