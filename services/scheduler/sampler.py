@@ -1,8 +1,9 @@
 """Sampling, per request in one batch.
 
 Row i: penalties (penalties.py) -> logit_bias -> its structured output's token mask (grammar.py)
--> ban stop/EOS ids before min_new_tokens (unless the grammar allows nothing else) -> greedy argmax, or temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own generator
-(a seeded request draws the same numbers whatever else is in the batch).
+-> ban stop/EOS ids before min_new_tokens (unless the grammar allows nothing else) -> greedy
+argmax, or temperature -> top_k -> softmax -> top_p -> min_p -> a draw from the request's own
+generator (a seeded request draws the same numbers whatever else is in the batch).
 """
 
 from __future__ import annotations

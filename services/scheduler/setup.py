@@ -98,13 +98,7 @@ def build_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) ->
         from services.scheduler.sim.rank import build_sim_rank
 
         return build_sim_rank(args, layout, log)
-    if layout.distributed:
-        if not args.dist_init_addr:
-            raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
-        init_world(layout, args.dist_init_addr, args.device, args.dist_timeout)
-    attn_group = new_attn_groups(layout) if layout.distributed else None
-    linears = build_linears(layout, attn_group)
-    sync = GroupSync(layout, attn_group, args.device)
+    linears, sync = join_world(args, layout, args.device)
     dtype = serving_dtype(args.dtype, ModelConfig.from_hf(args.model_path).torch_dtype, args.device)
     model, config = load_model(args.model_path, dtype=dtype, device=args.device, linears=linears)
     attention = install_attention_backend(model, args.attention_backend, args.device)
@@ -118,6 +112,17 @@ def build_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) ->
     pool = make_kv_pool(pool_config, size, dtype, args.device)
     tokenizer = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
     return Rank(Engine(model, pool, tokenizer, engine_config(args, config, size)), sync, linears)
+
+
+def join_world(args: ServerArgs, layout: ParallelLayout, device: str) -> tuple[Linears | None, GroupSync]:
+    """Joins the torch.distributed world (when distributed) on `device`; this rank's layer builder
+    and its group's step collectives."""
+    if layout.distributed:
+        if not args.dist_init_addr:
+            raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
+        init_world(layout, args.dist_init_addr, device, args.dist_timeout)
+    attn_group = new_attn_groups(layout) if layout.distributed else None
+    return build_linears(layout, attn_group), GroupSync(layout, attn_group, device)
 
 
 def engine_config(args: ServerArgs, config: ModelConfig, pool_size: int) -> EngineConfig:

@@ -10,12 +10,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from services.scheduler.dist_sync import GroupSync, init_world
-from services.scheduler.dp_attention import DPAttentionLinears, ParallelLayout, build_linears, new_attn_groups
+from services.scheduler.dp_attention import DPAttentionLinears, ParallelLayout
 from services.scheduler.engine import Engine
 from services.scheduler.model.config import ModelConfig
 from services.scheduler.model.kv_pool import KVPool
-from services.scheduler.setup import Rank, engine_config
+from services.scheduler.setup import Rank, engine_config, join_world
 from services.scheduler.sim.cost import HARDWARE, CostModel, ModelShape
 from services.scheduler.sim.runner import SimRunner
 from services.scheduler.table import ReqToTokenTable
@@ -42,13 +41,7 @@ def sim_pool_size(args: ServerArgs, cost: CostModel) -> int:
 
 
 def build_sim_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) -> Rank:
-    if layout.distributed:
-        if not args.dist_init_addr:
-            raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
-        init_world(layout, args.dist_init_addr, "cpu", args.dist_timeout)
-    attn_group = new_attn_groups(layout) if layout.distributed else None
-    linears = build_linears(layout, attn_group)
-    sync = GroupSync(layout, attn_group, "cpu")
+    linears, sync = join_world(args, layout, "cpu")
     config = ModelConfig.from_hf(args.model_path)
     hw = HARDWARE[args.sim_hardware]
     cost = CostModel(ModelShape.from_path(args.model_path), hw, layout.tp_size, layout.attn_tp_size, layout.dp_groups)
