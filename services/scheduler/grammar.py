@@ -108,7 +108,8 @@ class Grammars:
 
         hf = PreTrainedTokenizerFast(tokenizer_object=self._tokenizer)
         info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        # xgrammar's own cache is unbounded by default: `_compiled` is the one cache, bounded
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         log.info("grammar compiler ready vocab=%d stop_token_ids=%s", self._vocab_size, self._stop_token_ids)
         return self._compiler
 
