@@ -24,7 +24,7 @@ class CacheManager:
         self.table = table
         self.tree: RadixTree | None = RadixTree() if use_radix else None
         self.hit_tokens = 0  # prompt tokens matched at admission
-        self.prompt_tokens = 0  # prompt tokens admitted
+        self.prompt_tokens = 0  # tokens to prefill at admission (a migrated request: prompt + earlier output)
 
     # --- sizes --------------------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ class CacheManager:
             req.admitted = True
             req.cached_tokens = req.cached_len
             self.hit_tokens += req.cached_len
-            self.prompt_tokens += len(req.input_ids)
+            self.prompt_tokens += len(req.all_ids)
 
     def alloc(self, n: int) -> torch.Tensor | None:
         """n slots, evicting cached prefixes if needed; None if even that is not enough."""

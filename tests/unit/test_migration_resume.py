@@ -46,6 +46,18 @@ def test_resumed_request_continues_with_the_same_greedy_output(rig: Rig, cut: in
     assert outs[-1].completion_tokens == 24
 
 
+def test_resume_over_its_own_cached_output_keeps_the_hit_rate_a_rate(rig: Rig) -> None:
+    """A request migrated to a rank that cached its earlier output matches more than its prompt;
+    the rank's cache_hit_rate must stay in [0, 1] (the dispatcher drops reports outside it, and a
+    rank whose reports are all dropped counts as dead)."""
+    engine = rig.engine()
+    full = run(engine, [Req.from_msg(_msg("a", []))])["a"].all_ids
+    assert full is not None
+    run(engine, [Req.from_msg(_msg("b", full[:20], first_seq=1 << 32))])
+    assert engine.cache.hit_tokens > 5 + 5  # the resume matched past the prompt, into the output
+    assert 0 < engine.cache.hit_rate <= 1
+
+
 def _out(seq: int, text: str, ids: list[int], final: bool = False) -> TextOutput:
     return TextOutput(rid="r", seq=seq, text=text, new_ids=ids, prompt_tokens=1, completion_tokens=0,
                       finish=FinishReason(type="length") if final else None, full_text="abcd" if final else None)
