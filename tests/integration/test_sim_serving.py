@@ -77,6 +77,9 @@ def test_killed_sim_rank_requests_migrate(server: Any) -> None:
     params = {"max_new_tokens": 400}  # ~4 s at --sim-time-scale 0.5
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         expected = list(pool.map(lambda p: generate(server.url, text=p, sampling_params=params), PROMPTS))
+        # idle first: a report from before the streams (still showing the last run) must not pass below
+        wait_loads(server.url, "both ranks idle", lambda ls: _idle(ls) and all(
+            r["accepted_requests"] == 0 for r in ls.values()), 15)
         futures = [pool.submit(stream, server.url, text=p, sampling_params=params) for p in PROMPTS]
         ls = wait_loads(server.url, "both ranks running", lambda ls: all(
             r["num_running"] >= 1 and r["accepted_requests"] >= r["num_running"] for r in ls.values()), 20)
@@ -93,4 +96,7 @@ def test_killed_sim_rank_requests_migrate(server: Any) -> None:
     log = Path(server.log_path).read_text(errors="replace")
     assert "mode=migrate" in log, log[-3000:]
     # the survivor ends idle with its KV accounted (the launcher's restart of rank 1: test_migration.py)
-    wait_loads(server.url, "rank 0 idle", lambda ls: _idle({0: ls[0]}), 15)
+    try:
+        wait_loads(server.url, "rank 0 idle", lambda ls: _idle({0: ls[0]}), 15)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{Path(server.log_path).read_text(errors='replace')[-6000:]}") from None
