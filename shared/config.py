@@ -46,6 +46,8 @@ GROUPS = {
     "bus": "the NATS connection every service shares",
     "security": "API key, NATS credentials and TLS; `serve` hands secrets to children as env vars, never argv",
     "reliability": "timeouts, liveness and recovery",
+    "multi-node": "one deployment across machines: `serve` on every node, the same layout flags, its own "
+    "--node-rank; node 0's address in --dist-init-addr",
 }
 
 
@@ -93,8 +95,11 @@ class ServerArgs:
                        "registry", "parallelism")
     tp_rank: int = arg(0, "Scheduler only: the rank in its torch.distributed world (serve sets it)",
                        "parallelism")
-    dist_init_addr: str = arg("", "Scheduler only: host:port of the torch.distributed world's TCP store "
-                              "(serve sets it)", "parallelism")
+    dist_init_addr: str = arg("", "host:port of node 0's rendezvous store (multi-node serve: every node gives "
+                              "node 0's); a scheduler: its world's TCP store (serve sets it)", "parallelism")
+    dist_store_prefix: str = arg("", "Scheduler only: its world's key prefix in node 0's rendezvous store at "
+                                 "--dist-init-addr (multi-node serve sets it); empty: tp rank 0 hosts the "
+                                 "world's own store there", "parallelism")
     dist_timeout: float = arg(30.0, "Seconds a torch.distributed collective may wait for a peer before the "
                               "rank exits", "parallelism")
     # scheduling
@@ -106,8 +111,10 @@ class ServerArgs:
                                      "--max-total-tokens is 0; 0: off", "scheduling")
     kv_cache_bytes: int = arg(0, "Each rank's KV pool budget in bytes when --max-total-tokens is 0; 0: off",
                               "scheduling")
-    chunked_prefill_size: int = arg(8192, "The maximum number of tokens in a chunk for the chunked prefill; "
-                                    "-1 or 0: off (a prompt is prefilled in one step)", "scheduling")
+    chunked_prefill_size: int = arg(8192, "The maximum number of tokens in a chunk for the chunked prefill "
+                                    "(prompt tokens in one step, as in SGLang; with DP attention, divided by "
+                                    "the DP groups); -1 or 0: off (a prompt is prefilled in one step)",
+                                    "scheduling")
     max_prefill_tokens: int = arg(16384, "The maximum number of prompt tokens in one prefill step",
                                   "scheduling")
     schedule_policy: str = arg("fcfs", "The scheduling policy of the requests; lpm: longest prefix match "
@@ -129,8 +136,9 @@ class ServerArgs:
     max_tree_size: int = arg(1 << 22, "cache_aware: tokens kept in each rank's approximate prefix tree "
                              "(LRU)", "load balancing")
     # bus
-    nats_url: str = arg("", "The NATS server URL (nats://host:4222); empty: serve starts an embedded "
-                        "nats-server, a service alone uses nats://127.0.0.1:4222", "bus")
+    nats_url: str = arg("", "The NATS server URL (nats://host:4222), or several comma-separated, tried in "
+                        "order; empty: serve starts an embedded nats-server, a service alone uses "
+                        "nats://127.0.0.1:4222", "bus")
     nats_subject_prefix: str = arg("dpserve", "Prefix of every NATS subject, so deployments can share a "
                                    "server", "bus")
     # security
@@ -155,6 +163,24 @@ class ServerArgs:
                                   "a live rank", "reliability")
     shutdown_grace_period: float = arg(10.0, "Seconds running requests may take to finish after SIGTERM",
                                        "reliability")
+    # multi-node
+    nnodes: int = arg(1, "The number of nodes (machines) of the deployment; serve on each starts its share "
+                      "of the scheduler ranks", "multi-node")
+    node_rank: int = arg(0, "This node's index in [0, --nnodes); node 0 also runs the gateway, tokenizer, "
+                         "dispatcher and detokenizer", "multi-node")
+    node_addr: str = arg("", "The address this node's servers bind and advertise (nats-server, gloo, node 0's "
+                         "rendezvous store); empty: the source address of the route to the --dist-init-addr "
+                         "host", "multi-node")
+    nats_port: int = arg(0, "The embedded nats-server's client port; 0: a free port on one node, 4222 on "
+                         "several", "multi-node")
+    nats_cluster_port: int = arg(6222, "The embedded nats-server's cluster port, where the other nodes' "
+                                 "servers route to it (several nodes only)", "multi-node")
+    nats_routes: str = arg("", "Comma-separated nats://host:port cluster routes this node's nats-server "
+                           "joins; empty: node 0's (the --dist-init-addr host, --nats-cluster-port)",
+                           "multi-node")
+    gloo_socket_ifname: str = arg("", "The network interface gloo binds on this node (the ranks' "
+                                  "GLOO_SOCKET_IFNAME); empty: the interface that holds --node-addr",
+                                  "multi-node")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -244,6 +270,19 @@ class ServerArgs:
             raise ValueError("--max-queued-requests-per-rank must be >= 0 (0: unbounded)")
         if not 0 <= self.mem_fraction_static < 1 or self.max_prefill_tokens < 1:
             raise ValueError("--mem-fraction-static must be in [0, 1) and --max-prefill-tokens >= 1")
+        self._validate_nodes()
+
+    def _validate_nodes(self) -> None:
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.nnodes == 1:
+            return
+        host, _, port = self.dist_init_addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, every node the same)")
+        ranks = self.tp_size if self.enable_dp_attention else self.tp_size * self.dp_size
+        if ranks % self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} must divide the {ranks} scheduler ranks (each node an equal share)")
 
     def secret_env(self) -> dict[str, str]:
         """The secrets as `DPSERVE_*` env vars: `to_cli` leaves them out so `ps` never shows them."""

@@ -1,9 +1,11 @@
 """PrefillManager: the waiting queue, its order (`--schedule-policy`), and the prefill part of a step.
 
-Each step it picks requests in policy order while the prefill token budget
-(`--max-prefill-tokens`), the running-request limit and the KV room allow. A prompt longer than
-`--chunked-prefill-size` (or than the room left) is fed over several steps: it stays the
-`chunked` request, first in line next step, and no request behind it starts in the meantime.
+Each step it picks requests in policy order while the step's prefill token budget, the
+running-request limit and the KV room allow. The budget is `--max-prefill-tokens`, and with
+chunked prefill on also `--chunked-prefill-size`, as in SGLang (its PrefillAdder spends one chunk
+budget over the whole step, not one per request). A prompt longer than what is left of the budget
+(or of the room) is fed over several steps: it stays the `chunked` request, first in line next
+step, and no request behind it starts in the meantime.
 KV room for a new request keeps a reserve for the decode steps of the running ones
 (SGLang's new_token_ratio estimate), so retraction stays rare.
 """
@@ -77,8 +79,8 @@ class PrefillManager:
         `reserve`: KV room to leave for the running requests' coming decode steps; each request
         picked adds new_token_ratio x its remaining max_new_tokens to it."""
         picked: list[Req] = []
-        budget = self.cfg.max_prefill_tokens
         chunk = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else None
+        budget = min(self.cfg.max_prefill_tokens, chunk or self.cfg.max_prefill_tokens)
         candidates = ([self.chunked] if self.chunked is not None else []) + (
             [] if self.chunked is not None else self._ordered()
         )
@@ -90,7 +92,7 @@ class PrefillManager:
                     break
                 self.cache.admit(req, match_limit(req))
             remaining = req.extend_len
-            n = min(remaining, chunk) if chunk is not None else remaining
+            n = remaining
             if n > budget:
                 n = budget if chunk is not None else (n if first else 0)
             room = self.cache.available if first else self.cache.available - reserve

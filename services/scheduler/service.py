@@ -81,9 +81,10 @@ class SchedulerService(Service):
         self.spawn(self.loop())
         self.log.info(
             "dp_rank=%d tp_rank=%d attn_tp_rank=%d attn_tp_size=%d dp_attention=%s instance=%s "
-            "max_total_num_tokens=%d max_running_requests=%d",
+            "max_total_num_tokens=%d max_running_requests=%d chunked_prefill_size=%d",
             self.dp_rank, self.layout.tp_rank, self.layout.attn_tp_rank, self.layout.attn_tp_size,
             self.layout.dp_groups > 1, self.instance_id, self.engine.pool.size, args.max_running_requests,
+            self.engine.cfg.chunked_prefill_size,
         )
 
     # --- the inbox ---------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def build_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger) ->
     )
     pool = make_kv_pool(pool_config, size, dtype, args.device)
     tokenizer = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
-    return Rank(Engine(model, pool, tokenizer, engine_config(args, config, size)), sync, linears)
+    return Rank(Engine(model, pool, tokenizer, engine_config(args, layout, config, size)), sync, linears)
 
 
 def join_world(args: ServerArgs, layout: ParallelLayout, device: str) -> tuple[Linears | None, GroupSync]:
@@ -125,7 +125,7 @@ def join_world(args: ServerArgs, layout: ParallelLayout, device: str) -> tuple[L
     return build_linears(layout, attn_group), GroupSync(layout, attn_group, device)
 
 
-def engine_config(args: ServerArgs, config: ModelConfig, pool_size: int) -> EngineConfig:
+def engine_config(args: ServerArgs, layout: ParallelLayout, config: ModelConfig, pool_size: int) -> EngineConfig:
     """The engine's limits: the serving flags over the model's own."""
     return EngineConfig.from_model(
         config,
@@ -133,7 +133,16 @@ def engine_config(args: ServerArgs, config: ModelConfig, pool_size: int) -> Engi
         max_running_requests=args.max_running_requests,
         prefill_budget=args.max_prefill_tokens,
         context_length=args.context_length,
-        chunked_prefill_size=args.chunked_prefill_size,
+        chunked_prefill_size=group_chunk_size(args.chunked_prefill_size, layout),
         schedule_policy=args.schedule_policy,
         disable_radix_cache=args.disable_radix_cache,
     )
+
+
+def group_chunk_size(chunked_prefill_size: int, layout: ParallelLayout) -> int:
+    """A DP-attention group's share of `--chunked-prefill-size`. The MLP/MoE layers run over every
+    group's tokens at once, so SGLang divides the flag by the groups and the gathered batch of a
+    step stays what the flag says; off (<= 0) stays off."""
+    if chunked_prefill_size <= 0 or layout.dp_groups == 1:
+        return chunked_prefill_size
+    return max(1, chunked_prefill_size // layout.dp_groups)

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from services.scheduler.dist_sync import GroupSync, StepInputs, init_world
 from services.scheduler.dp_attention import DPAttentionLinears, ParallelLayout, new_attn_groups
+from services.scheduler.setup import group_chunk_size
 from shared.messages import SamplingParams, TokenizedRequest
 
 
@@ -89,3 +90,12 @@ def test_step_sync_and_dp_attention_gather(tmp_path: Path) -> None:
         torch.testing.assert_close(out, _rows(rank, counts[rank]) * 2)
     for r in res:
         assert r["all_idle"] == ([0, 0], torch.Size([0, 4]), 2)
+
+
+def test_dp_attention_divides_the_step_chunk_among_the_groups() -> None:
+    """SGLang's rule: with DP attention the MLP runs over every group's tokens at once, so each
+    group gets `--chunked-prefill-size` / groups; plain TP and 'off' keep the flag as given."""
+    dpa = ParallelLayout.from_args(16, 16, 3, True)
+    plain = ParallelLayout.from_args(16, 1, 3, False)
+    assert group_chunk_size(8192, dpa) == 512 and group_chunk_size(8192, plain) == 8192
+    assert group_chunk_size(-1, dpa) == -1 and group_chunk_size(10, dpa) == 1

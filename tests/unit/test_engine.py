@@ -112,6 +112,20 @@ def test_same_greedy_output_chunked_and_cached(rig: Rig, reference: dict, chunk:
         assert engine.cache.hit_tokens == 0 and engine.pool.num_free == engine.pool.size
 
 
+def test_chunked_prefill_size_bounds_the_whole_step(rig: Rig) -> None:
+    """SGLang's meaning of --chunked-prefill-size: the prompt tokens of one step together, not each
+    request's chunk; the request that crosses the budget is cut and goes on first next step."""
+    engine = rig.engine(chunked_prefill_size=24)
+    reqs = [make_req(f"r{i}", p, max_new_tokens=2) for i, p in enumerate(prompts(3, 11, 10, 10))]
+    for r in reqs:
+        engine.add(r)
+    first = engine.step()
+    assert first.num_tokens == 24 and [r.rid for r in first.reqs] == ["r0", "r1", "r2"]
+    assert engine.prefill.chunked is reqs[2] and reqs[2].cached_len == 4 and reqs[2].extend_len == 6
+    second = engine.step()  # r0 and r1 decode; r2's last 6 prompt tokens
+    assert second.num_tokens == 2 + 6 and engine.prefill.chunked is None
+
+
 def test_shared_prefix_reports_cached_tokens(rig: Rig) -> None:
     prefix = prompts(1, 5, 100, 100)[0]
     a, b = prefix + [11, 12, 13], prefix + [21, 22]

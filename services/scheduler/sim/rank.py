@@ -48,7 +48,7 @@ def build_sim_rank(args: ServerArgs, layout: ParallelLayout, log: logging.Logger
     size = sim_pool_size(args, cost)
     pool = SimKVPool(size)
     tokenizer = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
-    cfg = engine_config(args, config, size)
+    cfg = engine_config(args, layout, config, size)
     end = min(tokenizer.get_vocab_size(with_added_tokens=True), config.vocab_size)
     reserved = [*tokenizer.get_added_tokens_decoder(), *config.eos_token_ids]  # special ids, EOS among them
     token_range = (1 + max([-1, *(i for i in reserved if i < end)]), end)
