@@ -44,6 +44,10 @@ class Backend(ABC):
     def delta(self, event: dict[str, Any], text: str, tokens: int) -> Delta:
         """What `event` adds to a stream that has produced `text` and `tokens` so far."""
 
+    def rid(self, event: dict[str, Any]) -> str:
+        """The server's id of the request, if `event` carries it ("" otherwise)."""
+        return ""
+
 
 class SGLangGenerate(Backend):
     path = "/generate"
@@ -52,6 +56,9 @@ class SGLangGenerate(Backend):
         prompt = {"input_ids": req.input_ids} if req.input_ids is not None else {"text": req.text}
         params = {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": self.ignore_eos}
         return prompt | {"sampling_params": params, "stream": True}
+
+    def rid(self, event: dict[str, Any]) -> str:
+        return str(event.get("meta_info", {}).get("id") or "")
 
     def delta(self, event: dict[str, Any], text: str, tokens: int) -> Delta:
         counted = event.get("meta_info", {}).get("completion_tokens")

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from services.bench.backends import BACKENDS, Backend
 from services.bench.datasets import BenchRequest, random_dataset, shared_prefix_dataset, sharegpt_dataset
-from services.bench.report import format_block, jsonl_record, summarize
+from services.bench.report import details, format_block, jsonl_record, summarize
 from services.bench.runner import run
 
 DATASETS = ("random", "generated-shared-prefix", "sharegpt")
@@ -50,6 +50,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-ignore-eos", action="store_true", help="let requests stop at EOS")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output-file", default="", help="append the result as one JSON line (default: none)")
+    p.add_argument("--output-details", action="store_true",
+                   help="add each request's input/output length, TTFT, ITLs, error and id to the JSON line")
 
 
 def get_json(url: str, api_key: str) -> Any:
@@ -140,6 +142,8 @@ def main(ns: argparse.Namespace) -> int:
             "base_url": url,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if ns.output_details:
+            config |= details(results)
         with open(ns.output_file, "a", encoding="utf-8") as f:
             f.write(jsonl_record(summary, config) + "\n")
     return 0 if summary.completed else 1

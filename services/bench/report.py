@@ -143,6 +143,19 @@ def format_block(s: Summary) -> str:
     return "\n".join(lines)
 
 
+def details(results: list[RequestResult]) -> dict[str, list[Any]]:
+    """SGLang's `--output-details` lists, one entry per request in send order (seconds), plus the
+    server's request ids (`rids`, /generate only) to join them with server logs."""
+    return {
+        "input_lens": [r.prompt_len for r in results],
+        "output_lens": [r.output_len if r.success else 0 for r in results],
+        "ttfts": [r.ttft if r.success else None for r in results],
+        "itls": [r.itls for r in results],
+        "errors": [r.error for r in results],
+        "rids": [r.rid for r in results],
+    }
+
+
 def jsonl_record(s: Summary, config: dict[str, Any]) -> str:
     record = asdict(s)
     if record["request_rate"] == float("inf"):

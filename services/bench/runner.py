@@ -34,6 +34,7 @@ class RequestResult:
     latency: float = 0.0
     itls: list[float] = field(default_factory=list)
     error: str = ""
+    rid: str = ""  # the server's request id, where its events carry one
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -68,6 +69,7 @@ async def send_one(
                     result.error = str(event["error"])
                     return result
                 now = time.perf_counter()
+                result.rid = result.rid or backend.rid(event)
                 delta = backend.delta(event, result.text, tokens)
                 if delta.tokens > 0:
                     if tokens == 0:

@@ -120,7 +120,8 @@ class DispatcherService(Service):
         self.metrics.on_dispatched(rank.dp_rank)
         self.policy.on_dispatched(req, rank.dp_rank)
         await self.bus.publish(self.subjects.sched_req(rank.dp_rank), req)
-        self.log.debug("dispatch rid=%s id=%d -> dp%d", req.rid, req.dispatch_id, rank.dp_rank)
+        self.log.debug("dispatch rid=%s id=%d tokens=%d -> dp%d holding=%d in_flight=%d", req.rid, req.dispatch_id,
+                       len(req.input_ids), rank.dp_rank, rank.holding_tokens, rank.in_flight_tokens)
 
     async def on_report(self, report: LoadReport) -> None:
         problem = report_problem(report, self.args.dp_size)

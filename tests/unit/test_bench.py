@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from tokenizers import Tokenizer
 
 from services.bench.datasets import random_dataset, shared_prefix_dataset, sharegpt_dataset
-from services.bench.report import format_block, percentile, summarize
+from services.bench.report import details, format_block, percentile, summarize
 from services.bench.runner import RequestResult, run
 from services.launcher.config_file import load_config_file
 
@@ -76,7 +76,8 @@ async def test_client_times_a_streaming_generate() -> None:
         for new in (1, 2, 1):
             await asyncio.sleep(0.05)
             ids += [7] * new
-            event = {"text": "x" * len(ids), "output_ids": ids, "meta_info": {"completion_tokens": len(ids)}}
+            meta = {"completion_tokens": len(ids), "id": f"rid{len(seen)}"}
+            event = {"text": "x" * len(ids), "output_ids": ids, "meta_info": meta}
             await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp
@@ -97,12 +98,16 @@ async def test_client_times_a_streaming_generate() -> None:
     assert duration >= 2 * 0.14  # max_concurrency=1: one after the other
     assert seen[0]["input_ids"] == reqs[0].input_ids and seen[0]["stream"] is True
     assert seen[0]["sampling_params"]["max_new_tokens"] == 4
+    assert [r.rid for r in results] == ["rid1", "rid2"]  # the server's ids, to join with its logs
+    d = details(results)
+    assert d["rids"] == ["rid1", "rid2"] and d["ttfts"] == [r.ttft for r in results] and d["output_lens"] == [4, 4]
 
     bad = web.Application()
     bad.router.add_post("/generate", failing)
     async with TestServer(bad) as server:
         results, _ = await run(str(server.make_url("")).rstrip("/"), reqs[:1], 10.0, None)
     assert not results[0].success and "HTTP 400" in results[0].error
+    assert details(results)["ttfts"] == [None] and "HTTP 400" in details(results)["errors"][0]
 
 
 def test_result_block_has_sglang_layout() -> None:
