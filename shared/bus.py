@@ -5,6 +5,7 @@ is logged with its subject and dropped; a handler that raises is logged; neither
 Drop logging is throttled per subscription (a flood of garbage must not flood the log): the first
 20 drops each, then every 1000th with the running count.
 
+`--nats-url` may list several servers (a NATS cluster); they are tried in order.
 `connect_options(args)` turns the `--nats-user/--nats-password/--nats-token/--nats-tls-*` flags
 into nats.connect options; every service connects with them.
 """
@@ -49,6 +50,12 @@ def connect_options(args: ServerArgs) -> dict[str, Any]:
     return options
 
 
+def server_list(url: str) -> list[str]:
+    """`--nats-url` as nats.connect's servers: one URL, or several comma-separated (a multi-node
+    deployment lists its node's server first, then another node's; a reconnect tries them in turn)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 class Bus:
     def __init__(self, nc: Client, name: str) -> None:
         self.nc = nc
@@ -68,7 +75,8 @@ class Bus:
             log.info("nats reconnected url=%s", nc.connected_url.netloc if nc.connected_url else "?")
 
         nc = await nats.connect(
-            servers=[url],
+            servers=server_list(url),
+            dont_randomize=True,  # in the given order: this node's server first (a NATS cluster)
             name=name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.25,

@@ -260,6 +260,7 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
     accepted: list[int] = field(default_factory=list)  # dispatch ids accepted since last report
     instance_id: str = ""  # changes when the rank process restarts
     finished: list[int] = field(default_factory=list)  # accepted dispatch ids that ended since last report
+    node_rank: int = 0  # the node (--node-rank) the rank's leader runs on
 
     def problem(self, dp_size: int) -> str | None:
         """What makes this report nonsense (it would corrupt a load table), or None. Schedulers send
@@ -273,6 +274,8 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
             return "negative counts or kv_used > kv_total"
         if any(d < 0 for d in self.accepted) or any(d < 0 for d in self.finished):
             return "negative dispatch ids"
+        if self.node_rank < 0:
+            return "negative node_rank"
         return None
 
 

@@ -4,7 +4,7 @@
 - `GET /get_loads`: the dispatcher's load table, one entry per DP rank; 503 when the dispatcher
   does not answer;
 - `GET /get_server_info`: the server args plus `internal_states`, one entry per DP rank seen in the
-  load reports (`dp_rank`, `max_total_num_tokens`, load), which SGLang's bench client reads;
+  load reports (`dp_rank`, `node_rank` of its leader, `max_total_num_tokens`, load), which SGLang's bench client reads;
 - `GET /get_model_info`: model path and name;
 - `GET|POST /flush_cache`: `FlushCache` to every scheduler on the control subject;
 - `POST /abort_request` `{"rid": ...}` or `{"abort_all": true}`: `Abort` for the request (and its
@@ -108,6 +108,7 @@ class SGLangRoutes:
             out.append(
                 {
                     "dp_rank": dp_rank,
+                    "node_rank": r.node_rank,
                     "max_total_num_tokens": r.kv_total,
                     "num_used_tokens": r.kv_used,
                     "num_running_reqs": r.num_running,

@@ -1,4 +1,4 @@
-"""`dpserve serve`: one command, one machine. `dpserve create-tiny-model DIR`: a test checkpoint."""
+"""`dpserve serve`: one command per machine (`--nnodes`: see nodes.py). `dpserve create-tiny-model DIR`: a test checkpoint."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from services.bench import main as bench_main
 from services.launcher.config_file import load_config_file
+from services.launcher.nodes import NodePlan, node_of, world_prefix
 from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
 from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model
@@ -90,6 +92,29 @@ def scheduler_ranks(args: ServerArgs) -> list[dict[str, object]]:
     return out
 
 
+def world_of(args: ServerArgs, rank: dict[str, object]) -> str:
+    """The restart group of a scheduler process: its torch.distributed world (all ranks with DP
+    attention, else its replica), or "" for a rank alone."""
+    if args.tp_size == 1:
+        return ""
+    return "schedulers" if args.enable_dp_attention else f"scheduler{rank['dp_rank']}"
+
+
+def node_ranks(args: ServerArgs, plan: NodePlan) -> list[dict[str, object]]:
+    """This node's share of the scheduler processes (`nodes.node_of`); a world's ranks meet at
+    node 0's rendezvous store under the world's prefix, epoch 0."""
+    ranks = scheduler_ranks(args)
+    mine = []
+    for index, rank in enumerate(ranks):
+        if node_of(index, len(ranks), args.nnodes) != plan.node_rank:
+            continue
+        if "dist_init_addr" in rank:
+            prefix = world_prefix(world_of(args, rank), 0)
+            rank = rank | {"dist_init_addr": plan.dist_init_addr, "dist_store_prefix": prefix}
+        mine.append(rank)
+    return mine
+
+
 def serve_forever(args: ServerArgs) -> int:
     # once, here: the children get the checkpoint dir (the default model / a GGUF converted)
     try:
@@ -97,9 +122,16 @@ def serve_forever(args: ServerArgs) -> int:
     except (OSError, ValueError) as e:
         log.error("cannot load the model: %s", e)
         return 2
+    try:
+        plan = NodePlan.from_args(args) if args.nnodes > 1 else None
+    except (OSError, ValueError) as e:
+        log.error("cannot place node %d: %s", args.node_rank, e)
+        return 2
+    ranks = scheduler_ranks(args) if plan is None else node_ranks(args, plan)
     if args.torch_threads == 0:
-        procs = len(scheduler_ranks(args))
-        args = dataclasses.replace(args, torch_threads=max(1, (os.cpu_count() or 1) // procs))
+        args = dataclasses.replace(args, torch_threads=max(1, (os.cpu_count() or 1) // max(1, len(ranks))))
+    if plan is not None and args.host == "127.0.0.1":  # nothing binds loopback across nodes
+        args = dataclasses.replace(args, host=plan.node_addr)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -117,27 +149,33 @@ def serve_forever(args: ServerArgs) -> int:
     secrets = args.secret_env()  # children read these from the environment, not from argv
     try:
         if not args.nats_url:
-            port = free_port()
-            sup.add("nats-server", nats_server_argv(port, args, Path(conf_dir.name)))
-            wait_port("127.0.0.1", port, timeout=10)
-            args = dataclasses.replace(args, nats_url=f"nats://127.0.0.1:{port}")
+            args = start_nats(sup, args, plan, Path(conf_dir.name))
         py = [sys.executable, "-m"]
-        for name in ("tokenizer", "detokenizer", "dispatcher"):
-            sup.add(name, py + [f"services.{name}"] + args.to_cli(), secrets)
-        for rank in scheduler_ranks(args):
+        head = plan is None or plan.is_head
+        if plan is not None:
+            log.info("node %d of %d at %s: %d scheduler ranks, gloo on %s", plan.node_rank, plan.nnodes,
+                     plan.node_addr, len(ranks), plan.gloo_ifname)
+            if head and any("dist_init_addr" in r for r in scheduler_ranks(args)):
+                sup.add("rendezvous", py + ["services.launcher.rendezvous", plan.dist_init_addr])
+        if head:
+            for name in ("tokenizer", "detokenizer", "dispatcher"):
+                sup.add(name, py + [f"services.{name}"] + args.to_cli(), secrets)
+        rank_env = secrets | ({"GLOO_SOCKET_IFNAME": plan.gloo_ifname} if plan is not None else {})
+        for rank in ranks:
             name = f"scheduler{rank['dp_rank']}" + (f"-tp{rank['tp_rank']}" if args.tp_size > 1 else "")
             # a torch.distributed world restarts as a whole: all ranks with DP attention, else each replica
-            world = "" if args.tp_size == 1 else "schedulers" if args.enable_dp_attention else f"scheduler{rank['dp_rank']}"
-            sup.add(name, py + ["services.scheduler"] + args.to_cli(**rank), secrets, group=world)
+            sup.add(name, py + ["services.scheduler"] + args.to_cli(**rank), rank_env, group=world_of(args, rank))
+        if not head:
+            return supervise(sup, lambda: stopping)
         sup.add("gateway", py + ["services.gateway"] + args.to_cli(), secrets)
         url = f"http://{args.host}:{args.port}"
         deadline = time.monotonic() + STARTUP_TIMEOUT
         progress = Progress(args.dp_size, "loading model on DP ranks")
         while True:
             info = server_info(url)
-            ranks = len(info["internal_states"]) if info else 0
-            progress.update(ranks)
-            if ranks >= args.dp_size and health_ok(url):
+            ranks_up = len(info["internal_states"]) if info else 0
+            progress.update(ranks_up)
+            if ranks_up >= args.dp_size and health_ok(url):
                 break
             if stopping:
                 return 0
@@ -151,11 +189,30 @@ def serve_forever(args: ServerArgs) -> int:
             time.sleep(0.2)
         progress.close()
         print(summary(args, url, server_info(url)), flush=True)
-        while not stopping:
-            sup.poll(restart=True)
-            time.sleep(0.2)
-        return 0
+        return supervise(sup, lambda: stopping)
     finally:
         log.info("stopping all services")
         sup.stop(grace=args.shutdown_grace_period)
         conf_dir.cleanup()
+
+
+def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_dir: Path) -> ServerArgs:
+    """The embedded nats-server: on loopback for one node; on several, bound to the node address
+    and clustered with the other nodes' servers. Returns the args with the services' --nats-url."""
+    if plan is None:
+        port = args.nats_port or free_port()
+        sup.add("nats-server", nats_server_argv(port, args, conf_dir))
+        wait_port("127.0.0.1", port, timeout=10)
+        return dataclasses.replace(args, nats_url=f"nats://127.0.0.1:{port}")
+    argv = nats_server_argv(plan.nats_port, args, conf_dir, host=plan.node_addr, cluster=plan.nats_cluster_argv())
+    sup.add("nats-server", argv)
+    wait_port(plan.node_addr, plan.nats_port, timeout=10)
+    return dataclasses.replace(args, nats_url=plan.nats_url)
+
+
+def supervise(sup: Supervisor, stopping: Callable[[], bool]) -> int:
+    """Restarts whatever exits until a signal comes."""
+    while not stopping():
+        sup.poll(restart=True)
+        time.sleep(0.2)
+    return 0

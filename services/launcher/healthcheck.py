@@ -16,6 +16,7 @@ import urllib.request
 import msgspec
 import nats
 
+from shared.bus import server_list
 from shared.config import ServerArgs
 from shared.messages import LoadReport
 from shared.metrics import MetricsSnapshot
@@ -26,7 +27,8 @@ TIMEOUT = 5.0
 
 async def bus_check(args: ServerArgs, service: str) -> bool:
     subjects = Subjects(args.subject_prefix)
-    nc = await nats.connect(args.nats_url or "nats://127.0.0.1:4222", connect_timeout=2, max_reconnect_attempts=0)
+    servers = server_list(args.nats_url or "nats://127.0.0.1:4222")
+    nc = await nats.connect(servers=servers, dont_randomize=True, connect_timeout=2, max_reconnect_attempts=0)
     try:
         if service == "detokenizer":
             await nc.flush(timeout=2)

@@ -31,6 +31,7 @@ log = logging.getLogger("launcher")
 RESTART_BACKOFF = 1.0
 GROUP_STOP_GRACE = 2.0  # seconds a surviving group member gets to exit on SIGTERM
 DIST_ADDR_FLAG = "--dist-init-addr"
+DIST_PREFIX_FLAG = "--dist-store-prefix"
 
 
 def free_port() -> int:
@@ -49,10 +50,13 @@ def nats_server_binary() -> str:
     return found
 
 
-def nats_server_argv(port: int, args: ServerArgs, conf_dir: Path) -> list[str]:
-    """The embedded nats-server's command line. Auth and TLS, when the flags ask for them, go in a
-    config file readable by this user only, so no secret appears in `ps`."""
-    argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
+def nats_server_argv(
+    port: int, args: ServerArgs, conf_dir: Path, host: str = "127.0.0.1", cluster: list[str] | None = None
+) -> list[str]:
+    """The embedded nats-server's command line, bound to `host`; `cluster`: the flags that join it
+    to the other nodes' servers (`nodes.NodePlan.nats_cluster_argv`). Auth and TLS, when the flags
+    ask for them, go in a config file readable by this user only, so no secret appears in `ps`."""
+    argv = [nats_server_binary(), "-a", host, "-p", str(port), *(cluster or [])]
     lines = []
     if args.nats_user or args.nats_password:
         lines.append(f"authorization {{ user: {json.dumps(args.nats_user)}, password: {json.dumps(args.nats_password)} }}")
@@ -138,11 +142,18 @@ class Supervisor:
 
 
 def fresh_dist_addr(members: list[Child]) -> None:
-    """Points every member's --dist-init-addr at one new free port on the same host."""
+    """Points every member's --dist-init-addr at one new free port on the same host; a world of a
+    multi-node deployment (--dist-store-prefix `world/epoch`) keeps node 0's rendezvous store and
+    moves to the next epoch instead."""
     new_port = free_port()
     for member in members:
         argv = member.argv
-        if DIST_ADDR_FLAG in argv[:-1]:
+        if DIST_PREFIX_FLAG in argv[:-1] and argv[argv.index(DIST_PREFIX_FLAG) + 1]:
+            i = argv.index(DIST_PREFIX_FLAG) + 1
+            world, _, epoch = argv[i].rpartition("/")
+            argv[i] = f"{world}/{int(epoch) + 1}"
+            log.info("%s restarts with %s %s", member.name, DIST_PREFIX_FLAG, argv[i])
+        elif DIST_ADDR_FLAG in argv[:-1]:
             i = argv.index(DIST_ADDR_FLAG) + 1
             host = argv[i].rsplit(":", 1)[0]
             argv[i] = f"{host}:{new_port}"

@@ -31,8 +31,10 @@ class DispatcherClient:
         instance_id: str,
         log: logging.Logger,
         clock: Callable[[], float] = time.monotonic,
+        node_rank: int = 0,
     ) -> None:
         self.bus = bus
+        self.node_rank = node_rank  # reported, so /get_server_info shows where each rank runs
         self.subjects = subjects
         self.instance_id = instance_id
         self.log = log
@@ -65,6 +67,7 @@ class DispatcherClient:
                 accepted=accepted,
                 instance_id=self.instance_id,
                 finished=finished,
+                node_rank=self.node_rank,
             ),
         )
 

@@ -64,17 +64,23 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(StepInputs)
 
 
-def init_world(layout: ParallelLayout, init_addr: str, device: str, timeout_s: float = 30.0) -> None:
-    """Joins this replica's world (gloo on CPU, NCCL on CUDA); rank 0 hosts the TCP store. Joining
+def init_world(
+    layout: ParallelLayout, init_addr: str, device: str, timeout_s: float = 30.0, store_prefix: str = ""
+) -> None:
+    """Joins this replica's world (gloo on CPU, NCCL on CUDA). Without `store_prefix` rank 0 hosts
+    the world's TCP store at `init_addr`; with it the store there is a multi-node deployment's
+    rendezvous (node 0's launcher hosts it) and this world's keys live under the prefix. Joining
     and every collective afterwards wait at most `timeout_s` for the peers."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{init_addr}",
-        rank=layout.tp_rank,
-        world_size=layout.tp_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not store_prefix:
+        dist.init_process_group(
+            backend, init_method=f"tcp://{init_addr}", rank=layout.tp_rank, world_size=layout.tp_size, timeout=timeout
+        )
+        return
+    host, _, port = init_addr.rpartition(":")
+    store = dist.PrefixStore(store_prefix, dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=layout.tp_rank, world_size=layout.tp_size, timeout=timeout)
 
 
 class GroupSync:

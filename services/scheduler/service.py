@@ -65,7 +65,7 @@ class SchedulerService(Service):
         args = self.args
         if args.torch_threads > 0:
             torch.set_num_threads(args.torch_threads)
-        self.dispatcher = DispatcherClient(self.bus, self.subjects, self.instance_id, self.log)
+        self.dispatcher = DispatcherClient(self.bus, self.subjects, self.instance_id, self.log, node_rank=args.node_rank)
         if self.is_leader and self.dp_rank >= 0:  # confirm it before loading, so the registry gives it to no one else
             self.spawn(self.dispatcher.register_rank(self.dp_rank))
         loop = asyncio.get_running_loop()

@@ -120,7 +120,7 @@ def join_world(args: ServerArgs, layout: ParallelLayout, device: str) -> tuple[L
     if layout.distributed:
         if not args.dist_init_addr:
             raise ValueError("--tp-size > 1 needs --dist-init-addr host:port (the launcher passes it)")
-        init_world(layout, args.dist_init_addr, device, args.dist_timeout)
+        init_world(layout, args.dist_init_addr, device, args.dist_timeout, args.dist_store_prefix)
     attn_group = new_attn_groups(layout) if layout.distributed else None
     return build_linears(layout, attn_group), GroupSync(layout, attn_group, device)
 
