@@ -1,0 +1,178 @@
+"""One deployment over two "hosts": network namespaces, each node's `dpserve serve --nnodes 2
+--node-rank K` started inside its own (tests/integration/netns.py).
+
+Each layout's greedy output equals transformers' on the same weights, which is also what every
+one-node layout is held to (test_tp_serving.py), so two nodes answer as one node does:
+- tiny Llama at dp 2, one replica per node (the replicas on node 1 report over node 1's
+  nats-server, clustered with node 0's);
+- Llama at tp 2, one world across the nodes (gloo between the namespaces, rendezvous at node 0's
+  store under the world's prefix);
+- tiny DeepSeek-V3 at tp 2 dp 2 with DP attention, one DP group per node.
+`/get_server_info` names each DP rank's node. In every deployment, every TCP socket that listens
+in a node's namespace is bound to that node's address: a server left on 127.0.0.1 (or on the
+wildcard) fails the test. When node 1's nats-server dies, node 1's rank reconnects to node 0's
+server and keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.launcher.supervisor import health_ok
+from services.launcher.tiny_model import create_tiny_model
+from tests.integration.client import generate, get
+from tests.integration.failures import cmdline
+from tests.integration.netns import Hosts, NamespacesUnavailable, listening
+from tests.integration.test_launcher import descendants
+from tests.integration.tp_reference import reference, wait_ranks
+
+NNODES = 2
+STORE_PORT, NATS_PORT, CLUSTER_PORT, HTTP_PORT = 29500, 4222, 6222, 30000
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[Hosts]:
+    try:
+        made = Hosts.create(NNODES)
+    except NamespacesUnavailable as e:
+        pytest.skip(f"cannot create network namespaces here: {e}")
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("multinode-models")
+    return {arch: Path(create_tiny_model(root / arch, arch=arch)) for arch in ("llama", "deepseek_v3")}
+
+
+class Deployment:
+    """Both nodes' launchers; node 1 starts first, as an operator would bring up workers."""
+
+    def __init__(self, hosts: Hosts, model: Path, logs: Path, *flags: str) -> None:
+        self.hosts = hosts
+        self.url = f"http://{hosts.node_addr(0)}:{HTTP_PORT}"
+        self.logs = [logs / f"node{k}.log" for k in range(NNODES)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for k in reversed(range(NNODES)):
+            argv = [
+                sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model), "--torch-threads", "1",
+                "--nnodes", str(NNODES), "--node-rank", str(k), "--dist-init-addr", f"{hosts.node_addr(0)}:{STORE_PORT}",
+                "--port", str(HTTP_PORT), "--max-total-tokens", "4096", *flags,
+            ]
+            self.procs.append(hosts.popen(k, argv, self.logs[k]))
+        self.procs.reverse()  # index = node rank
+        deadline = time.monotonic() + 180
+        while not health_ok(self.url):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise RuntimeError(f"the deployment did not start:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log(self, k: int) -> str:
+        return self.logs[k].read_text(errors="replace")
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- node {k}\n{self.log(k)[-3000:]}" for k in range(NNODES))
+
+    def pids(self, k: int, program: str) -> list[int]:
+        """Node k's processes whose argv[0] is `program`."""
+        return [p for p in sorted(descendants(self.procs[k].pid)) if Path(cmdline(p)[0]).name == program]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def deploy(hosts: Hosts, tmp_path: Path) -> Iterator[object]:
+    started: list[Deployment] = []
+
+    def start(model: Path, *flags: str) -> Deployment:
+        started.append(Deployment(hosts, model, tmp_path, *flags))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def node_of_ranks(url: str) -> dict[int, int]:
+    status, info = get(url + "/get_server_info")
+    assert status == 200, info
+    return {s["dp_rank"]: s["node_rank"] for s in info["internal_states"]}
+
+
+def assert_binds_node_addresses(d: Deployment) -> None:
+    """Every socket listening in node k's namespace is on node k's address."""
+    for k in range(NNODES):
+        socks = listening(d.procs[k].pid)
+        assert socks, f"node {k}: nothing listens"
+        wrong = sorted(s for s in socks if s[0] != d.hosts.node_addr(k))
+        assert not wrong, f"node {k} ({d.hosts.node_addr(k)}): sockets bound elsewhere: {wrong}"
+        assert (d.hosts.node_addr(k), NATS_PORT) in socks and (d.hosts.node_addr(k), CLUSTER_PORT) in socks
+    assert (d.hosts.node_addr(0), HTTP_PORT) in listening(d.procs[0].pid)
+
+
+def assert_greedy(url: str, refs: list[tuple[list[int], list[int]]], dp_ranks: range) -> None:
+    for dp_rank in dp_ranks:
+        for prompt, expected in refs:
+            body = {"temperature": 0, "max_new_tokens": len(expected), "ignore_eos": True}
+            out = generate(url, input_ids=prompt, sampling_params=body, routed_dp_rank=dp_rank)
+            assert out["output_ids"] == expected, (dp_rank, len(prompt))
+
+
+def test_llama_dp2_one_replica_per_node(deploy, models) -> None:  # noqa: ANN001
+    refs = reference(models["llama"])
+    d = deploy(models["llama"], "--dp-size", "2")
+    wait_ranks(d.url, 2)
+    assert node_of_ranks(d.url) == {0: 0, 1: 1}
+    assert_greedy(d.url, refs, range(2))
+    assert_binds_node_addresses(d)
+    assert f"started nats=nats://{d.hosts.node_addr(1)}:{NATS_PORT},nats://{d.hosts.node_addr(0)}:{NATS_PORT}" in d.log(1)
+    # node 1's nats-server dies: its rank carries on over node 0's server
+    (nats1,) = d.pids(1, "nats-server")
+    os.kill(nats1, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while f"nats reconnected url={d.hosts.node_addr(0)}:{NATS_PORT}" not in d.log(1):
+        assert time.monotonic() < deadline, d.log_tail()
+        time.sleep(0.2)
+    assert_greedy(d.url, refs[:1], range(1, 2))
+
+
+def test_llama_tp2_one_world_across_nodes(deploy, models) -> None:  # noqa: ANN001
+    refs = reference(models["llama"])
+    d = deploy(models["llama"], "--tp-size", "2")
+    wait_ranks(d.url, 1)
+    assert node_of_ranks(d.url) == {0: 0}
+    assert_greedy(d.url, refs, range(1))
+    assert_binds_node_addresses(d)
+    assert (d.hosts.node_addr(0), STORE_PORT) in listening(d.procs[0].pid)  # the rendezvous store
+    for k in range(NNODES):  # gloo's own listeners (beyond nats and http) are on the node address too
+        assert len(listening(d.procs[k].pid)) > (3 if k == 0 else 2)
+
+
+def test_deepseek_v3_dp_attention_across_nodes(deploy, models) -> None:  # noqa: ANN001
+    refs = reference(models["deepseek_v3"])
+    d = deploy(models["deepseek_v3"], "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention")
+    wait_ranks(d.url, 2)
+    assert node_of_ranks(d.url) == {0: 0, 1: 1}
+    assert_greedy(d.url, refs, range(2))
+    assert_binds_node_addresses(d)
