@@ -163,6 +163,9 @@ class ServerArgs:
                                   "a live rank", "reliability")
     shutdown_grace_period: float = arg(10.0, "Seconds running requests may take to finish after SIGTERM",
                                        "reliability")
+    max_start_failures: int = arg(3, "serve: a process that dies this many times in a row, each time within "
+                                  "a minute of its start, ends the deployment with its name and last log "
+                                  "lines (earlier deaths are restarted)", "reliability")
     # multi-node
     nnodes: int = arg(1, "The number of nodes (machines) of the deployment; serve on each starts its share "
                       "of the scheduler ranks", "multi-node")
@@ -270,6 +273,8 @@ class ServerArgs:
             raise ValueError("--max-queued-requests-per-rank must be >= 0 (0: unbounded)")
         if not 0 <= self.mem_fraction_static < 1 or self.max_prefill_tokens < 1:
             raise ValueError("--mem-fraction-static must be in [0, 1) and --max-prefill-tokens >= 1")
+        if self.max_start_failures < 1:
+            raise ValueError("--max-start-failures must be >= 1")
         self._validate_nodes()
 
     def _validate_nodes(self) -> None:

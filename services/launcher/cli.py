@@ -144,7 +144,7 @@ def serve_forever(args: ServerArgs) -> int:
         opener = urllib.request.build_opener()
         opener.addheaders = [("Authorization", f"Bearer {args.api_key}")]
         urllib.request.install_opener(opener)
-    sup = Supervisor()
+    sup = Supervisor(args.max_start_failures)
     conf_dir = tempfile.TemporaryDirectory(prefix="dpserve-nats-")
     secrets = args.secret_env()  # children read these from the environment, not from argv
     try:
@@ -179,9 +179,9 @@ def serve_forever(args: ServerArgs) -> int:
                 break
             if stopping:
                 return 0
-            failed = sup.poll(restart=False)
-            if failed is not None:
-                log.error("%s exited during startup (code %s)", failed.name, failed.exited)
+            gave_up = sup.poll()  # a rank that dies while the deployment starts is restarted too
+            if gave_up is not None:
+                log.error(gave_up.give_up_message())
                 return 1
             if time.monotonic() > deadline:
                 log.error("/health did not answer within %.0fs", STARTUP_TIMEOUT)
@@ -211,8 +211,11 @@ def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_di
 
 
 def supervise(sup: Supervisor, stopping: Callable[[], bool]) -> int:
-    """Restarts whatever exits until a signal comes."""
+    """Restarts whatever exits until a signal comes, or until a process keeps dying at its start."""
     while not stopping():
-        sup.poll(restart=True)
+        gave_up = sup.poll()
+        if gave_up is not None:
+            log.error(gave_up.give_up_message())
+            return 1
         time.sleep(0.2)
     return 0

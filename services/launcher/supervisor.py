@@ -1,7 +1,10 @@
 """Starts an embedded nats-server and every dpserve service as its own OS process, and stops them.
 
 Children die with the launcher even if it is SIGKILLed (PR_SET_PDEATHSIG). A child that exits
-while serving is restarted after a short back-off. The scheduler ranks of one torch.distributed
+is restarted after a short back-off, while the deployment starts as while it serves; a child that
+dies `max_start_failures` times in a row, each time within START_WINDOW_S of its start (it cannot
+load, or cannot join its world), is given up on: `poll` returns it, and `give_up_message` names it
+with its last log lines (each child's stderr passes through the launcher's, its tail kept). The scheduler ranks of one torch.distributed
 world form a restart group: when any member exits, the others are stopped (SIGTERM, SIGKILL after
 GROUP_STOP_GRACE s: one may be stuck in a collective) and all start again together, on a fresh
 --dist-init-addr port (the dead world's TCP store port may linger in TIME_WAIT).
@@ -9,6 +12,7 @@ GROUP_STOP_GRACE s: one may be stuck in a collective) and all start again togeth
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import logging
@@ -18,17 +22,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from shared.config import ServerArgs
 
 log = logging.getLogger("launcher")
 
 RESTART_BACKOFF = 1.0
+START_WINDOW_S = 60.0  # a death this soon after a start counts toward --max-start-failures
+TAIL_LINES = 20  # of each child's stderr, shown when the launcher gives up on it
+_STDERR_LOCK = threading.Lock()
 GROUP_STOP_GRACE = 2.0  # seconds a surviving group member gets to exit on SIGTERM
 DIST_ADDR_FLAG = "--dist-init-addr"
 DIST_PREFIX_FLAG = "--dist-store-prefix"
@@ -87,20 +96,50 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     group: str = ""  # children of one group (a torch.distributed world) restart together
+    started_at: float = 0.0  # time.monotonic() of the last start
+    start_failures: int = 0  # deaths in a row, each within START_WINDOW_S of its start
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
 
     def start(self) -> None:
         env = os.environ | self.env
-        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent, stderr=subprocess.PIPE)
+        self.started_at = time.monotonic()
+        self.tail = collections.deque(maxlen=TAIL_LINES)  # this run's lines only
+        threading.Thread(target=_forward, args=(self.proc.stderr, self.tail), daemon=True).start()
         log.info("started %s pid=%d", self.name, self.proc.pid)
+
+    def record_exit(self) -> None:
+        """Counts a death soon after a start; one after a longer life starts the count again."""
+        quick = time.monotonic() - self.started_at < START_WINDOW_S
+        self.start_failures = self.start_failures + 1 if quick else 0
+
+    def give_up_message(self) -> str:
+        lines = "\n".join(f"    {line}" for line in self.tail) or "    (it wrote nothing)"
+        n = self.start_failures
+        return (
+            f"{self.name} keeps dying at its start: {n} death{'s' if n != 1 else ''} in a row, each within "
+            f"{START_WINDOW_S:.0f}s of its start (last exit code {self.exited}); giving up. Its last log lines:\n{lines}"
+        )
 
     @property
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
 
+def _forward(stream: IO[bytes], tail: collections.deque[str]) -> None:
+    """Copies a child's stderr to the launcher's, line by line, keeping the last lines."""
+    for line in iter(stream.readline, b""):
+        tail.append(line.decode(errors="replace").rstrip())
+        with _STDERR_LOCK:
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+    stream.close()
+
+
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, max_start_failures: int = 3) -> None:
         self.children: list[Child] = []
+        self.max_start_failures = max_start_failures
 
     def add(self, name: str, argv: list[str], env: dict[str, str] | None = None, group: str = "") -> Child:
         child = Child(name, argv, env or {}, group=group)
@@ -108,13 +147,15 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    def poll(self, restart: bool) -> Child | None:
-        """Restarts exited children (or, with restart off, returns the first that exited)."""
+    def poll(self) -> Child | None:
+        """Restarts exited children; returns one that died --max-start-failures times in a row at
+        its start (left exited: the caller ends the deployment)."""
         for child in self.children:
             code = child.exited
             if code is None:
                 continue
-            if not restart:
+            child.record_exit()
+            if child.start_failures >= self.max_start_failures:
                 return child
             log.warning("%s exited code=%s; restarting", child.name, code)
             peers = [c for c in self.children if child.group and c.group == child.group and c is not child]
