@@ -11,7 +11,9 @@ one-node layout is held to (test_tp_serving.py), so two nodes answer as one node
 `/get_server_info` names each DP rank's node. In every deployment, every TCP socket that listens
 in a node's namespace is bound to that node's address: a server left on 127.0.0.1 (or on the
 wildcard) fails the test. When node 1's nats-server dies, node 1's rank reconnects to node 0's
-server and keeps serving.
+server and keeps serving. When node 1 dies mid-stream, its replica's requests migrate to node 0's
+and finish with their greedy output, and node 1 rejoins when its launcher is back; when node 1's
+cable is pulled and put back, its rank serves again once the NATS route heals.
 """
 
 from __future__ import annotations
@@ -22,19 +24,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from services.launcher.supervisor import health_ok
 from services.launcher.tiny_model import create_tiny_model
-from tests.integration.client import generate, get
-from tests.integration.failures import cmdline
+from tests.integration.client import generate, get, stream
+from tests.integration.failures import cmdline, loads, wait_loads
 from tests.integration.netns import Hosts, NamespacesUnavailable, listening
 from tests.integration.test_launcher import descendants
 from tests.integration.tp_reference import reference, wait_ranks
 
 NNODES = 2
+FAILURE_FLAGS = ("--dead-rank-timeout", "1.0", "--heartbeat-interval", "0.1", "--request-timeout", "120")
+LONG = 200  # new tokens of the streams that a node's death or a pulled cable interrupts
 STORE_PORT, NATS_PORT, CLUSTER_PORT, HTTP_PORT = 29500, 4222, 6222, 30000
 
 
@@ -63,15 +68,15 @@ class Deployment:
         self.hosts = hosts
         self.url = f"http://{hosts.node_addr(0)}:{HTTP_PORT}"
         self.logs = [logs / f"node{k}.log" for k in range(NNODES)]
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for k in reversed(range(NNODES)):
-            argv = [
+        self.argv = [
+            [
                 sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model), "--torch-threads", "1",
                 "--nnodes", str(NNODES), "--node-rank", str(k), "--dist-init-addr", f"{hosts.node_addr(0)}:{STORE_PORT}",
                 "--port", str(HTTP_PORT), "--max-total-tokens", "4096", *flags,
             ]
-            self.procs.append(hosts.popen(k, argv, self.logs[k]))
-        self.procs.reverse()  # index = node rank
+            for k in range(NNODES)
+        ]
+        self.procs = [hosts.popen(k, self.argv[k], self.logs[k]) for k in reversed(range(NNODES))][::-1]
         deadline = time.monotonic() + 180
         while not health_ok(self.url):
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
@@ -89,6 +94,16 @@ class Deployment:
         """Node k's processes whose argv[0] is `program`."""
         return [p for p in sorted(descendants(self.procs[k].pid)) if Path(cmdline(p)[0]).name == program]
 
+    def kill_node(self, k: int) -> None:
+        """Every process of node k at once, its launcher included (a machine that died)."""
+        out = subprocess.run(["ip", "netns", "pids", self.hosts.node_ns(k)], capture_output=True, text=True).stdout
+        for pid in out.split():
+            os.kill(int(pid), signal.SIGKILL)
+        self.procs[k].wait(10)
+
+    def restart_node(self, k: int) -> None:
+        self.procs[k] = self.hosts.popen(k, self.argv[k], self.logs[k])
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -99,6 +114,16 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_dp2(hosts: Hosts, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = Deployment(hosts, models["llama"], tmp_path_factory.mktemp("llama-dp2"), "--dp-size", "2", *FAILURE_FLAGS)
+    try:
+        wait_ranks(d.url, 2)
+        yield d
+    finally:
+        d.stop()
 
 
 @pytest.fixture
@@ -139,22 +164,8 @@ def assert_greedy(url: str, refs: list[tuple[list[int], list[int]]], dp_ranks: r
             assert out["output_ids"] == expected, (dp_rank, len(prompt))
 
 
-def test_llama_dp2_one_replica_per_node(deploy, models) -> None:  # noqa: ANN001
-    refs = reference(models["llama"])
-    d = deploy(models["llama"], "--dp-size", "2")
-    wait_ranks(d.url, 2)
-    assert node_of_ranks(d.url) == {0: 0, 1: 1}
-    assert_greedy(d.url, refs, range(2))
-    assert_binds_node_addresses(d)
-    assert f"started nats=nats://{d.hosts.node_addr(1)}:{NATS_PORT},nats://{d.hosts.node_addr(0)}:{NATS_PORT}" in d.log(1)
-    # node 1's nats-server dies: its rank carries on over node 0's server
-    (nats1,) = d.pids(1, "nats-server")
-    os.kill(nats1, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while f"nats reconnected url={d.hosts.node_addr(0)}:{NATS_PORT}" not in d.log(1):
-        assert time.monotonic() < deadline, d.log_tail()
-        time.sleep(0.2)
-    assert_greedy(d.url, refs[:1], range(1, 2))
+# The deployments share the namespaces and ports: these start (and stop) their own first; the module's
+# dp 2 deployment below lives until the module ends.
 
 
 def test_llama_tp2_one_world_across_nodes(deploy, models) -> None:  # noqa: ANN001
@@ -176,3 +187,53 @@ def test_deepseek_v3_dp_attention_across_nodes(deploy, models) -> None:  # noqa:
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
+
+
+def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models) -> None:  # noqa: ANN001
+    refs = reference(models["llama"])
+    d = llama_dp2
+    assert node_of_ranks(d.url) == {0: 0, 1: 1}
+    assert_greedy(d.url, refs, range(2))
+    assert_binds_node_addresses(d)
+    assert f"started nats=nats://{d.hosts.node_addr(1)}:{NATS_PORT},nats://{d.hosts.node_addr(0)}:{NATS_PORT}" in d.log(1)
+    # node 1's nats-server dies: its rank carries on over node 0's server
+    (nats1,) = d.pids(1, "nats-server")
+    os.kill(nats1, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while f"nats reconnected url={d.hosts.node_addr(0)}:{NATS_PORT}" not in d.log(1):
+        assert time.monotonic() < deadline, d.log_tail()
+        time.sleep(0.2)
+    assert_greedy(d.url, refs[:1], range(1, 2))
+
+
+def test_llama_dp2_node1_dies_and_its_cable_is_pulled(llama_dp2: Deployment, models) -> None:  # noqa: ANN001
+    """Node 1 dies mid-stream (every process at once): its replica's requests migrate to node 0's
+    and finish with their greedy output; node 1's launcher comes back and its rank rejoins. Then
+    node 1's cable is pulled and put back: its rank is dead while it is out, and serves again
+    once the NATS route between the nodes heals, without a restart."""
+    d = llama_dp2
+    refs = reference(models["llama"], lengths=(7, 7, 7, 7), max_new=LONG)
+    before = loads(d.url)
+    greedy = {"temperature": 0, "max_new_tokens": LONG, "ignore_eos": True}
+    with ThreadPoolExecutor(len(refs)) as pool:
+        futures = [pool.submit(stream, d.url, 120, input_ids=p, sampling_params=greedy) for p, _ in refs]
+        wait_loads(d.url, "both replicas decoding", lambda ls: all(r["num_running"] >= 1 for r in ls.values()))
+        time.sleep(0.3)
+        d.kill_node(1)
+        results = [f.result(timeout=120) for f in futures]
+    for events, (_, expected) in zip(results, refs, strict=True):
+        assert events[-1]["output_ids"] == expected, events[-1]
+    assert "migrating rid=" in d.log(0)
+    d.restart_node(1)
+    wait_loads(d.url, "node 1's rank live again as a new instance",
+               lambda ls: ls[1]["status"] == "live" and ls[1]["instance_id"] != before[1]["instance_id"], 90)
+    prompt, expected = refs[0]
+    assert generate(d.url, input_ids=prompt, sampling_params=greedy | {"max_new_tokens": 16}, routed_dp_rank=1)["output_ids"] == expected[:16]
+    # the cable
+    d.hosts.link(1, up=False)
+    wait_loads(d.url, "node 1's rank dead while its cable is out", lambda ls: ls[1]["status"] == "dead", 30)
+    out = generate(d.url, input_ids=prompt, sampling_params=greedy | {"max_new_tokens": 16})
+    assert out["output_ids"] == expected[:16]  # node 0 serves alone meanwhile
+    d.hosts.link(1, up=True)
+    wait_loads(d.url, "node 1's rank live again after the cable", lambda ls: ls[1]["status"] == "live", 60)
+    assert generate(d.url, input_ids=prompt, sampling_params=greedy | {"max_new_tokens": 16}, routed_dp_rank=1)["output_ids"] == expected[:16]
