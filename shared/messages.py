@@ -356,6 +356,33 @@ class LoadTableReply(Struct, kw_only=True):
     ranks: list[RankLoad]
 
 
+# --- launchers of a multi-node deployment (services/launcher/worlds.py) ------------------------
+
+
+class NodeReport(Struct, kw_only=True):
+    """A node's launcher is up (every 0.5 s); a new instance_id means it was started again."""
+
+    node_rank: int
+    instance_id: str
+
+
+class WorldDown(Struct, kw_only=True):
+    """A member of `world` on `node_rank` died while the world ran at `epoch`."""
+
+    world: str
+    epoch: int
+    node_rank: int
+
+
+class WorldEpochs(Struct, kw_only=True):
+    """Node 0's word on each world that spans nodes: the rendezvous epoch its ranks must run at.
+    `nodes`: the launcher instance node 0 last heard from on each node; a launcher acts on the
+    epochs only once its own instance is listed (so a relaunched node never joins a stale epoch)."""
+
+    epochs: dict[str, int]
+    nodes: dict[int, str]
+
+
 # --- gateway -> tokenizer (request/reply): SGLang's /tokenize and /detokenize -----------------
 
 

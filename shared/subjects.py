@@ -64,3 +64,15 @@ class Subjects:
     @property
     def metrics(self) -> str:  # every service -> gateways: MetricsSnapshot (shared/metrics.py)
         return f"{self.ns}.metrics"
+
+    @property
+    def nodes(self) -> str:  # each node's launcher -> node 0's launcher: NodeReport (multi-node)
+        return f"{self.ns}.launcher.nodes"
+
+    @property
+    def world_epochs(self) -> str:  # node 0's launcher -> every launcher: WorldEpochs
+        return f"{self.ns}.launcher.epochs"
+
+    @property
+    def world_down(self) -> str:  # a node's launcher -> node 0's: WorldDown
+        return f"{self.ns}.launcher.down"

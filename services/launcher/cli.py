@@ -20,9 +20,12 @@ from services.launcher.nodes import NodePlan, node_of, world_prefix
 from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
 from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model
+from services.launcher.worlds import LauncherBus, WorldCoordinator
+from shared.bus import connect_options
 from shared.checkpoint import resolve_model_path
 from shared.config import ServerArgs
 from shared.log import setup_logging
+from shared.subjects import Subjects
 
 log = logging.getLogger("launcher")
 
@@ -115,6 +118,17 @@ def node_ranks(args: ServerArgs, plan: NodePlan) -> list[dict[str, object]]:
     return mine
 
 
+def spanning_worlds(args: ServerArgs, node_rank: int) -> dict[str, set[int]]:
+    """The worlds whose ranks run on several nodes -> those nodes: every one for node 0 (it decides
+    their epochs), those with a rank here for the others."""
+    ranks = scheduler_ranks(args)
+    nodes: dict[str, set[int]] = {}
+    for index, rank in enumerate(ranks):
+        if world := world_of(args, rank):
+            nodes.setdefault(world, set()).add(node_of(index, len(ranks), args.nnodes))
+    return {w: n for w, n in nodes.items() if len(n) > 1 and (node_rank == 0 or node_rank in n)}
+
+
 def serve_forever(args: ServerArgs) -> int:
     # once, here: the children get the checkpoint dir (the default model / a GGUF converted)
     try:
@@ -147,6 +161,8 @@ def serve_forever(args: ServerArgs) -> int:
     sup = Supervisor(args.max_start_failures)
     conf_dir = tempfile.TemporaryDirectory(prefix="dpserve-nats-")
     secrets = args.secret_env()  # children read these from the environment, not from argv
+    launcher_bus: LauncherBus | None = None
+    step: Callable[[], None] = no_step
     try:
         if not args.nats_url:
             args = start_nats(sup, args, plan, Path(conf_dir.name))
@@ -157,6 +173,9 @@ def serve_forever(args: ServerArgs) -> int:
                      plan.node_addr, len(ranks), plan.gloo_ifname)
             if head and any("dist_init_addr" in r for r in scheduler_ranks(args)):
                 sup.add("rendezvous", py + ["services.launcher.rendezvous", plan.dist_init_addr])
+            if worlds := spanning_worlds(args, plan.node_rank):
+                launcher_bus = LauncherBus(args.nats_url, connect_options(args))
+                step = WorldCoordinator(sup, plan, worlds, launcher_bus, Subjects(args.subject_prefix)).step
         if head:
             for name in ("tokenizer", "detokenizer", "dispatcher"):
                 sup.add(name, py + [f"services.{name}"] + args.to_cli(), secrets)
@@ -166,7 +185,7 @@ def serve_forever(args: ServerArgs) -> int:
             # a torch.distributed world restarts as a whole: all ranks with DP attention, else each replica
             sup.add(name, py + ["services.scheduler"] + args.to_cli(**rank), rank_env, group=world_of(args, rank))
         if not head:
-            return supervise(sup, lambda: stopping)
+            return supervise(sup, lambda: stopping, step)
         sup.add("gateway", py + ["services.gateway"] + args.to_cli(), secrets)
         url = f"http://{args.host}:{args.port}"
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -183,15 +202,18 @@ def serve_forever(args: ServerArgs) -> int:
             if gave_up is not None:
                 log.error(gave_up.give_up_message())
                 return 1
+            step()
             if time.monotonic() > deadline:
                 log.error("/health did not answer within %.0fs", STARTUP_TIMEOUT)
                 return 1
             time.sleep(0.2)
         progress.close()
         print(summary(args, url, server_info(url)), flush=True)
-        return supervise(sup, lambda: stopping)
+        return supervise(sup, lambda: stopping, step)
     finally:
         log.info("stopping all services")
+        if launcher_bus is not None:
+            launcher_bus.close()
         sup.stop(grace=args.shutdown_grace_period)
         conf_dir.cleanup()
 
@@ -210,12 +232,18 @@ def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_di
     return dataclasses.replace(args, nats_url=plan.nats_url)
 
 
-def supervise(sup: Supervisor, stopping: Callable[[], bool]) -> int:
-    """Restarts whatever exits until a signal comes, or until a process keeps dying at its start."""
+def no_step() -> None:
+    """Nothing to coordinate: one node, or no world spans nodes."""
+
+
+def supervise(sup: Supervisor, stopping: Callable[[], bool], step: Callable[[], None]) -> int:
+    """Restarts whatever exits until a signal comes, or until a process keeps dying at its start;
+    `step`: the world coordinator's turn (multi-node)."""
     while not stopping():
         gave_up = sup.poll()
         if gave_up is not None:
             log.error(gave_up.give_up_message())
             return 1
+        step()
         time.sleep(0.2)
     return 0

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -140,23 +141,55 @@ class Supervisor:
     def __init__(self, max_start_failures: int = 3) -> None:
         self.children: list[Child] = []
         self.max_start_failures = max_start_failures
+        # Groups that span nodes: node 0's launcher decides when they restart and at which epoch
+        # (worlds.WorldCoordinator), so a death only stops the local members and is reported.
+        self.coordinated: set[str] = set()
+        self.held: set[str] = set()  # coordinated groups stopped until start_world
+        self.on_world_down: Callable[[str, int], None] = lambda group, epoch: None
 
     def add(self, name: str, argv: list[str], env: dict[str, str] | None = None, group: str = "") -> Child:
+        """Starts the child, unless its group is held (a coordinated world not yet given an epoch)."""
         child = Child(name, argv, env or {}, group=group)
-        child.start()
+        if group not in self.held:
+            child.start()
         self.children.append(child)
         return child
+
+    def members(self, group: str) -> list[Child]:
+        return [c for c in self.children if c.group == group]
+
+    def hold(self, group: str) -> None:
+        """Stops a coordinated group's members until start_world."""
+        self.held.add(group)
+        _terminate([c for c in self.members(group) if c.exited is None], timeout=GROUP_STOP_GRACE)
+
+    def start_world(self, group: str, epoch: int) -> None:
+        """(Re)starts a coordinated group's members at rendezvous `epoch`, stopping running ones."""
+        members = self.members(group)
+        _terminate([c for c in members if c.exited is None], timeout=GROUP_STOP_GRACE)
+        log.info("starting world %s at epoch %d: %s", group, epoch, " ".join(c.name for c in members))
+        for member in members:
+            set_epoch(member, epoch)
+            if member.proc is not None:
+                member.restarts += 1
+            member.start()
+        self.held.discard(group)
 
     def poll(self) -> Child | None:
         """Restarts exited children; returns one that died --max-start-failures times in a row at
         its start (left exited: the caller ends the deployment)."""
         for child in self.children:
             code = child.exited
-            if code is None:
+            if code is None or child.group in self.held:
                 continue
             child.record_exit()
             if child.start_failures >= self.max_start_failures:
                 return child
+            if child.group in self.coordinated:
+                log.warning("%s exited code=%s; its world %s waits for node 0's next epoch", child.name, code, child.group)
+                self.hold(child.group)
+                self.on_world_down(child.group, epoch_of(child))
+                continue
             log.warning("%s exited code=%s; restarting", child.name, code)
             peers = [c for c in self.children if child.group and c.group == child.group and c is not child]
             if peers:
@@ -182,6 +215,16 @@ class Supervisor:
         _terminate(nats, timeout=timeout)
 
 
+def epoch_of(child: Child) -> int:
+    """The rendezvous epoch in a member's --dist-store-prefix (`world/epoch`)."""
+    return int(child.argv[child.argv.index(DIST_PREFIX_FLAG) + 1].rpartition("/")[2])
+
+
+def set_epoch(child: Child, epoch: int) -> None:
+    i = child.argv.index(DIST_PREFIX_FLAG) + 1
+    child.argv[i] = f"{child.argv[i].rpartition('/')[0]}/{epoch}"
+
+
 def fresh_dist_addr(members: list[Child]) -> None:
     """Points every member's --dist-init-addr at one new free port on the same host; a world of a
     multi-node deployment (--dist-store-prefix `world/epoch`) keeps node 0's rendezvous store and
@@ -190,10 +233,8 @@ def fresh_dist_addr(members: list[Child]) -> None:
     for member in members:
         argv = member.argv
         if DIST_PREFIX_FLAG in argv[:-1] and argv[argv.index(DIST_PREFIX_FLAG) + 1]:
-            i = argv.index(DIST_PREFIX_FLAG) + 1
-            world, _, epoch = argv[i].rpartition("/")
-            argv[i] = f"{world}/{int(epoch) + 1}"
-            log.info("%s restarts with %s %s", member.name, DIST_PREFIX_FLAG, argv[i])
+            set_epoch(member, epoch_of(member) + 1)
+            log.info("%s restarts with %s %s", member.name, DIST_PREFIX_FLAG, argv[argv.index(DIST_PREFIX_FLAG) + 1])
         elif DIST_ADDR_FLAG in argv[:-1]:
             i = argv.index(DIST_ADDR_FLAG) + 1
             host = argv[i].rsplit(":", 1)[0]

@@ -40,6 +40,7 @@ from tests.integration.tp_reference import reference, wait_ranks
 NNODES = 2
 FAILURE_FLAGS = ("--dead-rank-timeout", "1.0", "--heartbeat-interval", "0.1", "--request-timeout", "120")
 LONG = 200  # new tokens of the streams that a node's death or a pulled cable interrupts
+LONG_DPA = 100  # DP attention decodes ~20 tokens/s here: the kill lands after ~7
 STORE_PORT, NATS_PORT, CLUSTER_PORT, HTTP_PORT = 29500, 4222, 6222, 30000
 
 
@@ -181,12 +182,51 @@ def test_llama_tp2_one_world_across_nodes(deploy, models) -> None:  # noqa: ANN0
 
 
 def test_deepseek_v3_dp_attention_across_nodes(deploy, models) -> None:  # noqa: ANN001
+    """One DP group per node. Then node 1 dies mid-stream: every request ends, with its greedy
+    output or a clear 503 (the world that could take it over is the broken one); node 0 holds the
+    world until node 1's launcher is back, then both restart it at a new rendezvous epoch, and
+    both DP ranks serve again as new instances."""
     refs = reference(models["deepseek_v3"])
-    d = deploy(models["deepseek_v3"], "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention")
+    d = deploy(models["deepseek_v3"], "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", *FAILURE_FLAGS,
+               "--dist-timeout", "10")
     wait_ranks(d.url, 2)
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
+    before = loads(d.url)
+    long_refs = reference(models["deepseek_v3"], lengths=(9, 9, 9, 9), max_new=LONG_DPA)
+    greedy = {"temperature": 0, "max_new_tokens": LONG_DPA, "ignore_eos": True}
+    with ThreadPoolExecutor(len(long_refs)) as pool:
+        futures = [pool.submit(stream, d.url, 120, input_ids=p, sampling_params=greedy) for p, _ in long_refs]
+        wait_loads(d.url, "both DP groups decoding", lambda ls: all(r["num_running"] >= 1 for r in ls.values()))
+        time.sleep(0.3)
+        d.kill_node(1)
+        deadline = time.monotonic() + 30
+        while "world schedulers moves to epoch 1" not in d.log(0):
+            assert time.monotonic() < deadline, d.log_tail()
+            time.sleep(0.1)
+        time.sleep(1.5)
+        assert "starting world schedulers at epoch" not in d.log(0)  # held while node 1 is away
+        d.restart_node(1)
+        results = [f.result(timeout=150) for f in futures]
+    outcomes = []
+    for events, (_, expected) in zip(results, long_refs, strict=True):
+        final = events[-1]
+        if "error" in final:  # a clear 503, never a hang nor a wrong output
+            assert final["error"].get("code") == 503 or "503" in str(final["error"]), final
+            outcomes.append("503")
+        else:
+            assert final["output_ids"] == expected, final
+            outcomes.append("completed")
+    print("requests after node 1 died:", outcomes)
+    back = wait_loads(
+        d.url, "both DP ranks live again as new instances",
+        lambda ls: all(ls[r]["status"] == "live" and ls[r]["instance_id"] != before[r]["instance_id"] for r in (0, 1)), 120,
+    )
+    assert sorted(back) == [0, 1]
+    assert "node 1's launcher started again" in d.log(0)
+    assert "starting world schedulers at epoch" in d.log(1)
+    assert_greedy(d.url, refs, range(2))
 
 
 def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models) -> None:  # noqa: ANN001
