@@ -4,7 +4,8 @@
 Each layout's greedy output equals transformers' on the same weights, which is also what every
 one-node layout is held to (test_tp_serving.py), so two nodes answer as one node does:
 - tiny Llama at dp 2, one replica per node (the replicas on node 1 report over node 1's
-  nats-server, clustered with node 0's);
+  nats-server, clustered with node 0's), started from docker-compose.multinode.yml's command
+  and environment, one "compose project" per namespace;
 - Llama at tp 2, one world across the nodes (gloo between the namespaces, rendezvous at node 0's
   store under the world's prefix);
 - tiny DeepSeek-V3 at tp 2 dp 2 with DP attention, one DP group per node.
@@ -19,6 +20,7 @@ cable is pulled and put back, its rank serves again once the NATS route heals.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.launcher.supervisor import health_ok
 from services.launcher.tiny_model import create_tiny_model
@@ -37,6 +40,7 @@ from tests.integration.netns import Hosts, NamespacesUnavailable, listening
 from tests.integration.test_launcher import descendants
 from tests.integration.tp_reference import reference, wait_ranks
 
+ROOT = Path(__file__).resolve().parents[2]
 NNODES = 2
 FAILURE_FLAGS = ("--dead-rank-timeout", "1.0", "--heartbeat-interval", "0.1", "--request-timeout", "120")
 LONG = 200  # new tokens of the streams that a node's death or a pulled cable interrupts
@@ -62,22 +66,48 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: Path(create_tiny_model(root / arch, arch=arch)) for arch in ("llama", "deepseek_v3")}
 
 
-class Deployment:
-    """Both nodes' launchers; node 1 starts first, as an operator would bring up workers."""
+def serve_argv(hosts: Hosts, model: Path, *flags: str) -> list[list[str]]:
+    """Each node's `dpserve serve` command line."""
+    return [
+        [
+            sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model), "--torch-threads", "1",
+            "--nnodes", str(NNODES), "--node-rank", str(k), "--dist-init-addr", f"{hosts.node_addr(0)}:{STORE_PORT}",
+            "--port", str(HTTP_PORT), "--max-total-tokens", "4096", *flags,
+        ]
+        for k in range(NNODES)
+    ]
 
-    def __init__(self, hosts: Hosts, model: Path, logs: Path, *flags: str) -> None:
+
+def compose_nodes(hosts: Hosts, model: Path) -> tuple[list[list[str]], list[dict[str, str]]]:
+    """docker-compose.multinode.yml's command and environment for each node, as local processes
+    (the image's model path becomes the tiny model; compose's ${VAR} interpolated as compose does)."""
+    (svc,) = yaml.safe_load((ROOT / "docker-compose.multinode.yml").read_text())["services"].values()
+    assert svc["network_mode"] == "host"
+    argv, envs = [], []
+    for k in range(NNODES):
+        values = {"NODE_RANK": str(k), "HEAD_ADDR": hosts.node_addr(0)}
+
+        def interpolate(text: str) -> str:
+            return re.sub(r"\$\{(\w+)(?::[-?][^}]*)?\}", lambda m: values.get(m.group(1), ""), text)  # noqa: B023
+
+        env = {name: interpolate(str(value)) for name, value in svc["environment"].items()}
+        envs.append(env | {"DPSERVE_MODEL_PATH": str(model), "DPSERVE_TORCH_THREADS": "1", "DPSERVE_MAX_TOTAL_TOKENS": "4096"})
+        argv.append([sys.executable if a == "python" else a for a in svc["command"]])
+    return argv, envs
+
+
+class Deployment:
+    """Every node's launcher; node 1 starts first, as an operator would bring up workers."""
+
+    def __init__(
+        self, hosts: Hosts, logs: Path, argv: list[list[str]], envs: list[dict[str, str]] | None = None
+    ) -> None:
         self.hosts = hosts
         self.url = f"http://{hosts.node_addr(0)}:{HTTP_PORT}"
         self.logs = [logs / f"node{k}.log" for k in range(NNODES)]
-        self.argv = [
-            [
-                sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model), "--torch-threads", "1",
-                "--nnodes", str(NNODES), "--node-rank", str(k), "--dist-init-addr", f"{hosts.node_addr(0)}:{STORE_PORT}",
-                "--port", str(HTTP_PORT), "--max-total-tokens", "4096", *flags,
-            ]
-            for k in range(NNODES)
-        ]
-        self.procs = [hosts.popen(k, self.argv[k], self.logs[k]) for k in reversed(range(NNODES))][::-1]
+        self.argv = argv
+        self.envs = [os.environ | e for e in envs] if envs else [None] * NNODES
+        self.procs = [self._start(k) for k in reversed(range(NNODES))][::-1]
         deadline = time.monotonic() + 180
         while not health_ok(self.url):
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
@@ -102,8 +132,11 @@ class Deployment:
             os.kill(int(pid), signal.SIGKILL)
         self.procs[k].wait(10)
 
+    def _start(self, k: int) -> subprocess.Popen[bytes]:
+        return self.hosts.popen(k, self.argv[k], self.logs[k], env=self.envs[k])
+
     def restart_node(self, k: int) -> None:
-        self.procs[k] = self.hosts.popen(k, self.argv[k], self.logs[k])
+        self.procs[k] = self._start(k)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -119,7 +152,11 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def llama_dp2(hosts: Hosts, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(hosts, models["llama"], tmp_path_factory.mktemp("llama-dp2"), "--dp-size", "2", *FAILURE_FLAGS)
+    """docker-compose.multinode.yml's two nodes (dp 2, one replica per host)."""
+    argv, envs = compose_nodes(hosts, models["llama"])
+    envs = [e | {"DPSERVE_" + f[2:].upper().replace("-", "_"): v for f, v in zip(FAILURE_FLAGS[::2], FAILURE_FLAGS[1::2], strict=True)}
+            for e in envs]
+    d = Deployment(hosts, tmp_path_factory.mktemp("llama-dp2"), argv, envs)
     try:
         wait_ranks(d.url, 2)
         yield d
@@ -132,7 +169,7 @@ def deploy(hosts: Hosts, tmp_path: Path) -> Iterator[object]:
     started: list[Deployment] = []
 
     def start(model: Path, *flags: str) -> Deployment:
-        started.append(Deployment(hosts, model, tmp_path, *flags))
+        started.append(Deployment(hosts, tmp_path, serve_argv(hosts, model, *flags)))
         return started[-1]
 
     yield start
