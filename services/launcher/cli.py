@@ -179,7 +179,9 @@ def serve_forever(args: ServerArgs) -> int:
         if head:
             for name in ("tokenizer", "detokenizer", "dispatcher"):
                 sup.add(name, py + [f"services.{name}"] + args.to_cli(), secrets)
-        rank_env = secrets | ({"GLOO_SOCKET_IFNAME": plan.gloo_ifname} if plan is not None else {})
+        # gloo (and NCCL's bootstrap on CUDA) bind the node's interface, never the hostname's guess
+        ifname = {"GLOO_SOCKET_IFNAME": plan.gloo_ifname, "NCCL_SOCKET_IFNAME": plan.gloo_ifname} if plan else {}
+        rank_env = secrets | ifname
         for rank in ranks:
             name = f"scheduler{rank['dp_rank']}" + (f"-tp{rank['tp_rank']}" if args.tp_size > 1 else "")
             # a torch.distributed world restarts as a whole: all ranks with DP attention, else each replica

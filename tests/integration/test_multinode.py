@@ -8,7 +8,8 @@ one-node layout is held to (test_tp_serving.py), so two nodes answer as one node
   and environment, one "compose project" per namespace;
 - Llama at tp 2, one world across the nodes (gloo between the namespaces, rendezvous at node 0's
   store under the world's prefix);
-- tiny DeepSeek-V3 at tp 2 dp 2 with DP attention, one DP group per node.
+- tiny DeepSeek-V3 at tp 2 dp 2 with DP attention, one DP group per node, and at tp 4 dp 2, two
+  ranks (one whole attention group) per node.
 `/get_server_info` names each DP rank's node. In every deployment, every TCP socket that listens
 in a node's namespace is bound to that node's address: a server left on 127.0.0.1 (or on the
 wildcard) fails the test. When node 1's nats-server dies, node 1's rank reconnects to node 0's
@@ -94,6 +95,12 @@ def compose_nodes(hosts: Hosts, model: Path) -> tuple[list[list[str]], list[dict
         envs.append(env | {"DPSERVE_MODEL_PATH": str(model), "DPSERVE_TORCH_THREADS": "1", "DPSERVE_MAX_TOTAL_TOKENS": "4096"})
         argv.append([sys.executable if a == "python" else a for a in svc["command"]])
     return argv, envs
+
+
+@pytest.fixture(scope="module")
+def all_refs(models: dict[str, Path]) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """transformers' greedy continuations of the short prompts, per model, computed once."""
+    return {arch: reference(path) for arch, path in models.items()}
 
 
 class Deployment:
@@ -206,8 +213,8 @@ def assert_greedy(url: str, refs: list[tuple[list[int], list[int]]], dp_ranks: r
 # dp 2 deployment below lives until the module ends.
 
 
-def test_llama_tp2_one_world_across_nodes(deploy, models) -> None:  # noqa: ANN001
-    refs = reference(models["llama"])
+def test_llama_tp2_one_world_across_nodes(deploy, models, all_refs) -> None:  # noqa: ANN001
+    refs = all_refs["llama"]
     d = deploy(models["llama"], "--tp-size", "2")
     wait_ranks(d.url, 1)
     assert node_of_ranks(d.url) == {0: 0}
@@ -218,12 +225,12 @@ def test_llama_tp2_one_world_across_nodes(deploy, models) -> None:  # noqa: ANN0
         assert len(listening(d.procs[k].pid)) > (3 if k == 0 else 2)
 
 
-def test_deepseek_v3_dp_attention_across_nodes(deploy, models) -> None:  # noqa: ANN001
+def test_deepseek_v3_dp_attention_across_nodes(deploy, models, all_refs) -> None:  # noqa: ANN001
     """One DP group per node. Then node 1 dies mid-stream: every request ends, with its greedy
     output or a clear 503 (the world that could take it over is the broken one); node 0 holds the
     world until node 1's launcher is back, then both restart it at a new rendezvous epoch, and
     both DP ranks serve again as new instances."""
-    refs = reference(models["deepseek_v3"])
+    refs = all_refs["deepseek_v3"]
     d = deploy(models["deepseek_v3"], "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", *FAILURE_FLAGS,
                "--dist-timeout", "10")
     wait_ranks(d.url, 2)
@@ -266,8 +273,20 @@ def test_deepseek_v3_dp_attention_across_nodes(deploy, models) -> None:  # noqa:
     assert_greedy(d.url, refs, range(2))
 
 
-def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models) -> None:  # noqa: ANN001
-    refs = reference(models["llama"])
+def test_deepseek_v3_tp4_dp2_two_ranks_per_node(deploy, models, all_refs) -> None:  # noqa: ANN001
+    """Each node holds one whole attention group (2 ranks); the MoE / MLP collectives cross nodes."""
+    refs = all_refs["deepseek_v3"]
+    d = deploy(models["deepseek_v3"], "--tp-size", "4", "--dp-size", "2", "--enable-dp-attention")
+    wait_ranks(d.url, 2)
+    assert node_of_ranks(d.url) == {0: 0, 1: 1}
+    for k in range(NNODES):
+        assert len([p for p in d.pids(k, "python") if "services.scheduler" in cmdline(p)]) == 2
+    assert_greedy(d.url, refs, range(2))
+    assert_binds_node_addresses(d)
+
+
+def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models, all_refs) -> None:  # noqa: ANN001
+    refs = all_refs["llama"]
     d = llama_dp2
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
     assert_greedy(d.url, refs, range(2))
