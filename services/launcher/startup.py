@@ -61,6 +61,16 @@ def summary(args: ServerArgs, url: str, info: dict[str, Any] | None) -> str:
         f"  ranks        {args.dp_size} DP x {args.tp_size} TP, load balance {args.load_balance_method}, {len(states)} live",
         f"  KV capacity  {kv_text}",
         f"  bus          {args.nats_url} (subjects {args.subject_prefix}.*)",
+        *([f"  nodes        {args.nnodes}, rendezvous at {args.dist_init_addr}; DP ranks on each: {per_node(states)}"]
+          if args.nnodes > 1 else []),
         f"  API          {url}/generate  {url}/v1/chat/completions  {url}/v1/completions  {url}/metrics",
     ]
     return "\n".join(lines)
+
+
+def per_node(states: list[dict[str, Any]]) -> str:
+    """`node 0: [0], node 1: [1]` from internal_states (a DP rank's node is its leader's)."""
+    nodes: dict[int, list[int]] = {}
+    for state in states:
+        nodes.setdefault(int(state.get("node_rank", 0)), []).append(int(state["dp_rank"]))
+    return ", ".join(f"node {n}: {sorted(ranks)}" for n, ranks in sorted(nodes.items()))

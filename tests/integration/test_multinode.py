@@ -289,6 +289,7 @@ def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models, all_refs)
     refs = all_refs["llama"]
     d = llama_dp2
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
+    assert "DP ranks on each: node 0: [0], node 1: [1]" in d.log(0)  # the startup summary
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
     assert f"started nats=nats://{d.hosts.node_addr(1)}:{NATS_PORT},nats://{d.hosts.node_addr(0)}:{NATS_PORT}" in d.log(1)
