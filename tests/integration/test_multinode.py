@@ -229,10 +229,11 @@ def test_deepseek_v3_dp_attention_across_nodes(deploy, models, all_refs) -> None
     """One DP group per node. Then node 1 dies mid-stream: every request ends, with its greedy
     output or a clear 503 (the world that could take it over is the broken one); node 0 holds the
     world until node 1's launcher is back, then both restart it at a new rendezvous epoch, and
-    both DP ranks serve again as new instances."""
+    both DP ranks serve again as new instances. Then node 1's cable is pulled and put back: the
+    world breaks and comes back by itself."""
     refs = all_refs["deepseek_v3"]
     d = deploy(models["deepseek_v3"], "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", *FAILURE_FLAGS,
-               "--dist-timeout", "10")
+               "--dist-timeout", "6")
     wait_ranks(d.url, 2)
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
     assert_greedy(d.url, refs, range(2))
@@ -270,6 +271,20 @@ def test_deepseek_v3_dp_attention_across_nodes(deploy, models, all_refs) -> None
     assert sorted(back) == [0, 1]
     assert "node 1's launcher started again" in d.log(0)
     assert "starting world schedulers at epoch" in d.log(1)
+    assert_greedy(d.url, refs, range(2))
+    # node 1's cable, out for a few seconds: the world's collectives fail within --dist-timeout,
+    # and once the route heals node 0 restarts the world with node 1, no launcher restarted
+    launchers = [p.pid for p in d.procs]
+    before = loads(d.url)
+    d.hosts.link(1, up=False)
+    wait_loads(d.url, "both DP ranks dead while the cable is out",
+               lambda ls: all(r["status"] == "dead" for r in ls.values()), 60)
+    d.hosts.link(1, up=True)
+    wait_loads(
+        d.url, "both DP ranks live again after the cable",
+        lambda ls: all(ls[r]["status"] == "live" and ls[r]["instance_id"] != before[r]["instance_id"] for r in (0, 1)), 120,
+    )
+    assert [p.pid for p in d.procs] == launchers and all(p.poll() is None for p in d.procs)
     assert_greedy(d.url, refs, range(2))
 
 
