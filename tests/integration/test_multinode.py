@@ -27,8 +27,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -201,6 +202,17 @@ def assert_binds_node_addresses(d: Deployment) -> None:
     assert (d.hosts.node_addr(0), HTTP_PORT) in listening(d.procs[0].pid)
 
 
+def streams_with_node1_killed(
+    pool: ThreadPoolExecutor, d: Deployment, refs: list[tuple[list[int], list[int]]], greedy: dict[str, Any]
+) -> list[Future[list[dict[str, Any]]]]:
+    """Streams every prompt of `refs` and kills node 1 once both DP ranks decode (a few steps in)."""
+    futures = [pool.submit(stream, d.url, 120, input_ids=p, sampling_params=greedy) for p, _ in refs]
+    wait_loads(d.url, "both DP ranks decoding", lambda ls: all(r["num_running"] >= 1 for r in ls.values()))
+    time.sleep(0.3)
+    d.kill_node(1)
+    return futures
+
+
 def assert_greedy(url: str, refs: list[tuple[list[int], list[int]]], dp_ranks: range) -> None:
     for dp_rank in dp_ranks:
         for prompt, expected in refs:
@@ -242,10 +254,7 @@ def test_deepseek_v3_dp_attention_across_nodes(deploy, models, all_refs) -> None
     long_refs = reference(models["deepseek_v3"], lengths=(9, 9, 9, 9), max_new=LONG_DPA)
     greedy = {"temperature": 0, "max_new_tokens": LONG_DPA, "ignore_eos": True}
     with ThreadPoolExecutor(len(long_refs)) as pool:
-        futures = [pool.submit(stream, d.url, 120, input_ids=p, sampling_params=greedy) for p, _ in long_refs]
-        wait_loads(d.url, "both DP groups decoding", lambda ls: all(r["num_running"] >= 1 for r in ls.values()))
-        time.sleep(0.3)
-        d.kill_node(1)
+        futures = streams_with_node1_killed(pool, d, long_refs, greedy)
         deadline = time.monotonic() + 30
         while "world schedulers moves to epoch 1" not in d.log(0):
             assert time.monotonic() < deadline, d.log_tail()
@@ -328,10 +337,7 @@ def test_llama_dp2_node1_dies_and_its_cable_is_pulled(llama_dp2: Deployment, mod
     before = loads(d.url)
     greedy = {"temperature": 0, "max_new_tokens": LONG, "ignore_eos": True}
     with ThreadPoolExecutor(len(refs)) as pool:
-        futures = [pool.submit(stream, d.url, 120, input_ids=p, sampling_params=greedy) for p, _ in refs]
-        wait_loads(d.url, "both replicas decoding", lambda ls: all(r["num_running"] >= 1 for r in ls.values()))
-        time.sleep(0.3)
-        d.kill_node(1)
+        futures = streams_with_node1_killed(pool, d, refs, greedy)
         results = [f.result(timeout=120) for f in futures]
     for events, (_, expected) in zip(results, refs, strict=True):
         assert events[-1]["output_ids"] == expected, events[-1]
