@@ -16,7 +16,8 @@ from pathlib import Path
 
 from services.bench import main as bench_main
 from services.launcher.config_file import load_config_file
-from services.launcher.nodes import NodePlan, node_of, world_prefix
+from services.launcher.layout import node_ranks, scheduler_ranks, spanning_worlds, world_of
+from services.launcher.nodes import NodePlan
 from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
 from services.launcher.tiny_model import ARCHITECTURES, create_tiny_model
@@ -75,60 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(serve_forever(args))
 
 
-def scheduler_ranks(args: ServerArgs) -> list[dict[str, object]]:
-    """The scheduler processes, as flag overrides (SGLang's layout). Without DP attention:
-    dp_size independent replicas of tp_size ranks, each replica its own torch.distributed world
-    (its own TCP store port). With --enable-dp-attention: tp_size ranks in one world, rank r
-    serving DP group r // (tp_size // dp_size)."""
-    if args.tp_size == 1 and not args.enable_dp_attention:
-        return [{"dp_rank": d} for d in range(args.dp_size)]
-    if args.enable_dp_attention:
-        addr = f"127.0.0.1:{free_port()}"
-        attn_tp = args.tp_size // args.dp_size
-        return [
-            {"dp_rank": r // attn_tp, "tp_rank": r, "dist_init_addr": addr} for r in range(args.tp_size)
-        ]
-    out: list[dict[str, object]] = []
-    for d in range(args.dp_size):
-        addr = f"127.0.0.1:{free_port()}"
-        out += [{"dp_rank": d, "tp_rank": r, "dist_init_addr": addr} for r in range(args.tp_size)]
-    return out
-
-
-def world_of(args: ServerArgs, rank: dict[str, object]) -> str:
-    """The restart group of a scheduler process: its torch.distributed world (all ranks with DP
-    attention, else its replica), or "" for a rank alone."""
-    if args.tp_size == 1:
-        return ""
-    return "schedulers" if args.enable_dp_attention else f"scheduler{rank['dp_rank']}"
-
-
-def node_ranks(args: ServerArgs, plan: NodePlan) -> list[dict[str, object]]:
-    """This node's share of the scheduler processes (`nodes.node_of`); a world's ranks meet at
-    node 0's rendezvous store under the world's prefix, epoch 0."""
-    ranks = scheduler_ranks(args)
-    mine = []
-    for index, rank in enumerate(ranks):
-        if node_of(index, len(ranks), args.nnodes) != plan.node_rank:
-            continue
-        if "dist_init_addr" in rank:
-            prefix = world_prefix(world_of(args, rank), 0)
-            rank = rank | {"dist_init_addr": plan.dist_init_addr, "dist_store_prefix": prefix}
-        mine.append(rank)
-    return mine
-
-
-def spanning_worlds(args: ServerArgs, node_rank: int) -> dict[str, set[int]]:
-    """The worlds whose ranks run on several nodes -> those nodes: every one for node 0 (it decides
-    their epochs), those with a rank here for the others."""
-    ranks = scheduler_ranks(args)
-    nodes: dict[str, set[int]] = {}
-    for index, rank in enumerate(ranks):
-        if world := world_of(args, rank):
-            nodes.setdefault(world, set()).add(node_of(index, len(ranks), args.nnodes))
-    return {w: n for w, n in nodes.items() if len(n) > 1 and (node_rank == 0 or node_rank in n)}
-
-
 def serve_forever(args: ServerArgs) -> int:
     # once, here: the children get the checkpoint dir (the default model / a GGUF converted)
     try:
@@ -171,10 +118,9 @@ def serve_forever(args: ServerArgs) -> int:
         if plan is not None:
             log.info("node %d of %d at %s: %d scheduler ranks, gloo on %s", plan.node_rank, plan.nnodes,
                      plan.node_addr, len(ranks), plan.gloo_ifname)
-            if head and any("dist_init_addr" in r for r in scheduler_ranks(args)):
-                sup.add("rendezvous", py + ["services.launcher.rendezvous", plan.dist_init_addr])
-            if worlds := spanning_worlds(args, plan.node_rank):
-                launcher_bus = LauncherBus(args.nats_url, connect_options(args))
+            launcher_bus = start_node(sup, args, plan)
+            if launcher_bus is not None:
+                worlds = spanning_worlds(args, plan.node_rank)
                 step = WorldCoordinator(sup, plan, worlds, launcher_bus, Subjects(args.subject_prefix)).step
         if head:
             for name in ("tokenizer", "detokenizer", "dispatcher"):
@@ -232,6 +178,16 @@ def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_di
     sup.add("nats-server", argv)
     wait_port(plan.node_addr, plan.nats_port, timeout=10)
     return dataclasses.replace(args, nats_url=plan.nats_url)
+
+
+def start_node(sup: Supervisor, args: ServerArgs, plan: NodePlan) -> LauncherBus | None:
+    """What a node of several runs beside its services: node 0 the rendezvous store (when any
+    world exists); every node whose worlds span nodes a bus client for their restarts (returned)."""
+    if plan.is_head and any("dist_init_addr" in r for r in scheduler_ranks(args)):
+        sup.add("rendezvous", [sys.executable, "-m", "services.launcher.rendezvous", plan.dist_init_addr])
+    if not spanning_worlds(args, plan.node_rank):
+        return None
+    return LauncherBus(args.nats_url, connect_options(args))
 
 
 def no_step() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.launcher.cli import node_ranks
+from services.launcher.layout import node_ranks
 from services.launcher.nodes import NodePlan, interface_of, node_of, route_source_addr
 from services.launcher.supervisor import Child, fresh_dist_addr
 from shared.bus import server_list
