@@ -174,7 +174,7 @@ def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_di
         sup.add("nats-server", nats_server_argv(port, args, conf_dir))
         wait_port("127.0.0.1", port, timeout=10)
         return dataclasses.replace(args, nats_url=f"nats://127.0.0.1:{port}")
-    argv = nats_server_argv(plan.nats_port, args, conf_dir, host=plan.node_addr, cluster=plan.nats_cluster_argv())
+    argv = nats_server_argv(plan.nats_port, args, conf_dir, host=plan.node_addr, cluster=plan)
     sup.add("nats-server", argv)
     wait_port(plan.node_addr, plan.nats_port, timeout=10)
     return dataclasses.replace(args, nats_url=plan.nats_url)

@@ -14,8 +14,9 @@ address in `--dist-init-addr`. From those alone each node derives the same plan:
   The default node address is the source address of this host's route to the dist-init host,
   which is the address the other nodes can reach it on.
 - **Bus.** One nats-server per node, clustered (name `dpserve`, routes to node 0's cluster port
-  unless `--nats-routes` says otherwise); each service lists its own node's server first and node
-  0's as the fallback; the servers gossip the rest of the cluster to the clients.
+  unless `--nats-routes` says otherwise; with NATS auth the routes authenticate too); each service
+  lists its own node's server first and node 0's as the fallback; the servers gossip the rest of
+  the cluster to the clients.
 - **Rendezvous.** Node 0 hosts one TCP store at `--dist-init-addr` (`rendezvous.py`); every
   torch.distributed world keeps its keys under its own prefix `world-name/epoch`, so a world
   restarts on a new epoch at the same address instead of on a new port.
@@ -24,14 +25,17 @@ address in `--dist-init-addr`. From those alone each node derives the same plan:
 from __future__ import annotations
 
 import fcntl
+import json
 import socket
 import struct
+import urllib.parse
 from dataclasses import dataclass
 
 from shared.config import ServerArgs
 
 DEFAULT_NATS_PORT = 4222  # a node's client port when several nodes must know each other's
 CLUSTER_NAME = "dpserve"
+ROUTE_USER = "dpserve-route"  # the user nats-server routes authenticate as, when the bus has auth
 SIOCGIFADDR = 0x8915
 
 
@@ -110,11 +114,32 @@ class NodePlan:
         return ",".join(urls)
 
     def nats_cluster_argv(self) -> list[str]:
-        """nats-server flags that join this node's server to the others'."""
+        """nats-server flags that join this node's server to the others' (a bus without auth)."""
         argv = ["--cluster_name", CLUSTER_NAME, "--cluster", f"nats://{self.node_addr}:{self.nats_cluster_port}"]
         if self.nats_routes:
             argv += ["--routes", ",".join(self.nats_routes)]
         return argv
+
+    def nats_cluster_conf(self, secret: str) -> str:
+        """The same as a nats-server config block for a bus with auth: the routes authenticate too
+        (user ROUTE_USER, the bus's password or token as password), or whoever reaches the cluster
+        port would join the bus as a server. It holds the secret: it goes in the 0600 config file."""
+        listen = f"{self.node_addr}:{self.nats_cluster_port}"
+        routes = [with_credentials(route, ROUTE_USER, secret) for route in self.nats_routes]
+        auth = f"{{ user: {json.dumps(ROUTE_USER)}, password: {json.dumps(secret)} }}"
+        return (
+            f"cluster {{ name: {json.dumps(CLUSTER_NAME)}, listen: {json.dumps(listen)}, authorization {auth}, "
+            f"routes: {json.dumps(routes)} }}"
+        )
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """nats://host:port -> nats://user:password@host:port (a URL that has credentials keeps them)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username:
+        return url
+    netloc = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@{parts.netloc}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def node_of(index: int, total: int, nnodes: int) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from services.launcher.nodes import NodePlan
 from shared.config import ServerArgs
 
 log = logging.getLogger("launcher")
@@ -61,13 +62,19 @@ def nats_server_binary() -> str:
 
 
 def nats_server_argv(
-    port: int, args: ServerArgs, conf_dir: Path, host: str = "127.0.0.1", cluster: list[str] | None = None
+    port: int, args: ServerArgs, conf_dir: Path, host: str = "127.0.0.1", cluster: NodePlan | None = None
 ) -> list[str]:
-    """The embedded nats-server's command line, bound to `host`; `cluster`: the flags that join it
-    to the other nodes' servers (`nodes.NodePlan.nats_cluster_argv`). Auth and TLS, when the flags
-    ask for them, go in a config file readable by this user only, so no secret appears in `ps`."""
-    argv = [nats_server_binary(), "-a", host, "-p", str(port), *(cluster or [])]
+    """The embedded nats-server's command line, bound to `host`; `cluster`: the node plan whose
+    routes join it to the other nodes' servers. Auth and TLS, when the flags ask for them, go in a
+    config file readable by this user only, so no secret appears in `ps` (with auth, the cluster
+    block goes there too: its routes carry the secret)."""
+    argv = [nats_server_binary(), "-a", host, "-p", str(port)]
     lines = []
+    route_secret = args.nats_password or args.nats_token
+    if cluster is not None and route_secret:
+        lines.append(cluster.nats_cluster_conf(route_secret))
+    elif cluster is not None:
+        argv += cluster.nats_cluster_argv()
     if args.nats_user or args.nats_password:
         lines.append(f"authorization {{ user: {json.dumps(args.nats_user)}, password: {json.dumps(args.nats_password)} }}")
     elif args.nats_token:
