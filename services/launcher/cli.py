@@ -16,7 +16,7 @@ from pathlib import Path
 
 from services.bench import main as bench_main
 from services.launcher.config_file import load_config_file
-from services.launcher.layout import node_ranks, scheduler_ranks, spanning_worlds, world_of
+from services.launcher.layout import node_ranks, node_worlds, scheduler_ranks, world_of
 from services.launcher.nodes import NodePlan
 from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
@@ -120,7 +120,7 @@ def serve_forever(args: ServerArgs) -> int:
                      plan.node_addr, len(ranks), plan.gloo_ifname)
             launcher_bus = start_node(sup, args, plan)
             if launcher_bus is not None:
-                worlds = spanning_worlds(args, plan.node_rank)
+                worlds = node_worlds(args, plan.node_rank)
                 step = WorldCoordinator(sup, plan, worlds, launcher_bus, Subjects(args.subject_prefix)).step
         if head:
             for name in ("tokenizer", "detokenizer", "dispatcher"):
@@ -182,10 +182,10 @@ def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_di
 
 def start_node(sup: Supervisor, args: ServerArgs, plan: NodePlan) -> LauncherBus | None:
     """What a node of several runs beside its services: node 0 the rendezvous store (when any
-    world exists); every node whose worlds span nodes a bus client for their restarts (returned)."""
+    world exists); every node with a world a bus client for its restarts (returned)."""
     if plan.is_head and any("dist_init_addr" in r for r in scheduler_ranks(args)):
         sup.add("rendezvous", [sys.executable, "-m", "services.launcher.rendezvous", plan.dist_init_addr])
-    if not spanning_worlds(args, plan.node_rank):
+    if not node_worlds(args, plan.node_rank):
         return None
     return LauncherBus(args.nats_url, connect_options(args))
 

@@ -1,6 +1,6 @@
 """Which scheduler processes a deployment runs, as flag overrides for each child, and which of
 them form one torch.distributed world (a restart group); on several nodes, this node's share
-(placement: `nodes.node_of`) and the worlds that span nodes."""
+(placement: `nodes.node_of`) and the worlds node 0 coordinates."""
 
 from __future__ import annotations
 
@@ -52,12 +52,13 @@ def node_ranks(args: ServerArgs, plan: NodePlan) -> list[dict[str, object]]:
     return mine
 
 
-def spanning_worlds(args: ServerArgs, node_rank: int) -> dict[str, set[int]]:
-    """The worlds whose ranks run on several nodes -> those nodes: every one for node 0 (it decides
-    their epochs), those with a rank here for the others."""
+def node_worlds(args: ServerArgs, node_rank: int) -> dict[str, set[int]]:
+    """The worlds of a multi-node deployment -> the nodes their ranks run on: every world for node 0
+    (it decides their epochs), those with a rank here for the others. A world inside one node is
+    one too: it meets at node 0's store, so it starts when node 0 is there, not before."""
     ranks = scheduler_ranks(args)
     nodes: dict[str, set[int]] = {}
     for index, rank in enumerate(ranks):
         if world := world_of(args, rank):
             nodes.setdefault(world, set()).add(node_of(index, len(ranks), args.nnodes))
-    return {w: n for w, n in nodes.items() if len(n) > 1 and (node_rank == 0 or node_rank in n)}
+    return {w: n for w, n in nodes.items() if node_rank == 0 or node_rank in n}

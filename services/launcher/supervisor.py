@@ -233,16 +233,12 @@ def set_epoch(child: Child, epoch: int) -> None:
 
 
 def fresh_dist_addr(members: list[Child]) -> None:
-    """Points every member's --dist-init-addr at one new free port on the same host; a world of a
-    multi-node deployment (--dist-store-prefix `world/epoch`) keeps node 0's rendezvous store and
-    moves to the next epoch instead."""
+    """Points every member's --dist-init-addr at one new free port on the same host (one node; the
+    worlds of several restart at node 0's next epoch instead: `start_world`)."""
     new_port = free_port()
     for member in members:
         argv = member.argv
-        if DIST_PREFIX_FLAG in argv[:-1] and argv[argv.index(DIST_PREFIX_FLAG) + 1]:
-            set_epoch(member, epoch_of(member) + 1)
-            log.info("%s restarts with %s %s", member.name, DIST_PREFIX_FLAG, argv[argv.index(DIST_PREFIX_FLAG) + 1])
-        elif DIST_ADDR_FLAG in argv[:-1]:
+        if DIST_ADDR_FLAG in argv[:-1]:
             i = argv.index(DIST_ADDR_FLAG) + 1
             host = argv[i].rsplit(":", 1)[0]
             argv[i] = f"{host}:{new_port}"

@@ -1,12 +1,14 @@
-"""Restarts of the torch.distributed worlds that span nodes, decided by node 0's launcher.
+"""Restarts of the torch.distributed worlds of a multi-node deployment, decided by node 0's launcher.
 
 On one node the supervisor restarts a broken world by itself (a fresh store port). A world whose
 ranks live on several nodes can only restart whole if every node starts its members again at the
 same rendezvous epoch (`nodes.world_prefix`), and only once every node of the world is there.
-Node 0's launcher decides; the launchers talk over the bus (subjects `launcher.*`):
+Every world of a multi-node deployment meets at node 0's store, so node 0 decides for all of them
+(one inside another node included: it starts once node 0 is there, not before, and its restarts
+cost a round trip to node 0). The launchers talk over the bus (subjects `launcher.*`):
 
 - every launcher sends `NodeReport` (its node, a fresh instance id per start) every REPORT_S;
-- node 0 sends `WorldEpochs` (each spanning world's epoch and the launcher instances it knows)
+- node 0 sends `WorldEpochs` (each world's epoch and the launcher instances it knows)
   every REPORT_S and at once when an epoch moves;
 - a node whose local member died stops the world's other local members and sends `WorldDown`.
 
@@ -86,7 +88,7 @@ class WorldCoordinator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sup, self.plan, self.bus, self.subjects, self.clock = sup, plan, bus, subjects, clock
-        self.worlds = worlds  # spanning world -> the nodes its ranks run on (this node among them)
+        self.worlds = worlds  # world -> the nodes its ranks run on (layout.node_worlds)
         self.instance_id = uuid.uuid4().hex[:8]
         self.epochs = dict.fromkeys(worlds, 0)  # node 0: the authority; elsewhere: unused
         self.nodes: dict[int, tuple[str, float]] = {}  # node 0: node -> (launcher instance, clock() seen)

@@ -1,13 +1,13 @@
-"""Multi-node placement and addresses (services/launcher/nodes.py), the flags' checks, the bus's
-server list and the supervisor's epoch bump for a world that spans nodes."""
+"""Multi-node placement and addresses (services/launcher/nodes.py, layout.py), the flags' checks,
+the bus's server list and a world's rendezvous epoch in its members' flags."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.launcher.layout import node_ranks
+from services.launcher.layout import node_ranks, node_worlds
 from services.launcher.nodes import NodePlan, interface_of, node_of, route_source_addr
-from services.launcher.supervisor import Child, fresh_dist_addr
+from services.launcher.supervisor import Child, epoch_of, fresh_dist_addr, set_epoch
 from shared.bus import server_list
 from shared.config import ServerArgs
 
@@ -91,11 +91,20 @@ def test_server_list_keeps_the_order() -> None:
     assert server_list("nats://b:2, nats://a:1,") == ["nats://b:2", "nats://a:1"]
 
 
-def test_a_world_across_nodes_restarts_on_the_next_epoch_at_the_same_store() -> None:
-    members = [
-        Child("scheduler0-tp0", ["x", "--dist-init-addr", f"{NODE0}:29500", "--dist-store-prefix", "schedulers/0"]),
-        Child("scheduler0", ["x", "--dist-init-addr", "127.0.0.1:5555", "--dist-store-prefix", ""]),
-    ]
-    fresh_dist_addr(members)
-    assert members[0].argv[1:] == ["--dist-init-addr", f"{NODE0}:29500", "--dist-store-prefix", "schedulers/1"]
-    assert members[1].argv[2] != "127.0.0.1:5555"  # one node: a fresh store port, as before
+def test_a_world_restarts_at_another_epoch_of_the_same_store() -> None:
+    member = Child("scheduler0-tp0", ["x", "--dist-init-addr", f"{NODE0}:29500", "--dist-store-prefix", "schedulers/0"])
+    assert epoch_of(member) == 0
+    set_epoch(member, 7)
+    assert member.argv[1:] == ["--dist-init-addr", f"{NODE0}:29500", "--dist-store-prefix", "schedulers/7"]
+    alone = Child("scheduler0-tp0", ["x", "--dist-init-addr", "127.0.0.1:5555"])
+    fresh_dist_addr([alone])
+    assert alone.argv[2] != "127.0.0.1:5555"  # one node: a fresh store port, as before
+
+
+def test_every_world_of_a_multinode_deployment_is_node0s_to_restart() -> None:
+    replicas = args("--tp-size", "2", "--dp-size", "2")  # each replica inside one node
+    assert node_worlds(replicas, 0) == {"scheduler0": {0}, "scheduler1": {1}}
+    assert node_worlds(replicas, 1) == {"scheduler1": {1}}
+    dpa = args("--tp-size", "2", "--dp-size", "2", "--enable-dp-attention")
+    assert node_worlds(dpa, 1) == {"schedulers": {0, 1}}
+    assert node_worlds(args("--dp-size", "2"), 0) == {}
