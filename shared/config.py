@@ -82,7 +82,8 @@ class ServerArgs:
     torch_threads: int = arg(0, "CPU threads per scheduler process; 0: serve divides the cores among its "
                              "ranks, a service started alone keeps torch's default", "model")
     # server
-    host: str = arg("127.0.0.1", "The host of the HTTP server", "server")
+    host: str = arg("127.0.0.1", "The host of the HTTP server (on several nodes, 127.0.0.1 means node 0's "
+                    "--node-addr: nothing binds loopback there)", "server")
     port: int = arg(30000, "The port of the HTTP server", "server")
     log_level: str = arg("info", "The logging level of all services (debug, info, warning, error)", "server")
     # parallelism
