@@ -83,6 +83,9 @@ class LauncherBus:
 
 
 class WorldCoordinator:
+    """This launcher's part in the protocol above (node 0's or another node's); all its state is
+    touched only by `step` and the supervisor's callback, both on the supervisor loop's thread."""
+
     def __init__(
         self, sup: Supervisor, plan: NodePlan, worlds: dict[str, set[int]], bus: LauncherBus, subjects: Subjects,
         clock: Callable[[], float] = time.monotonic,
