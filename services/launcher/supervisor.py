@@ -148,8 +148,8 @@ class Supervisor:
     def __init__(self, max_start_failures: int = 3) -> None:
         self.children: list[Child] = []
         self.max_start_failures = max_start_failures
-        # Groups that span nodes: node 0's launcher decides when they restart and at which epoch
-        # (worlds.WorldCoordinator), so a death only stops the local members and is reported.
+        # The worlds of a multi-node deployment: node 0's launcher decides when they restart and at
+        # which epoch (worlds.WorldCoordinator), so a death only stops the local members and is reported.
         self.coordinated: set[str] = set()
         self.held: set[str] = set()  # coordinated groups stopped until start_world
         self.on_world_down: Callable[[str, int], None] = lambda group, epoch: None
