@@ -126,6 +126,13 @@ class Deployment:
     def log(self, k: int) -> str:
         return self.logs[k].read_text(errors="replace")
 
+    def wait_log(self, k: int, text: str, timeout: float) -> None:
+        """Until node k's log holds `text`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log(k):
+            assert time.monotonic() < deadline, f"{text!r} not in node {k}'s log:\n{self.log_tail()}"
+            time.sleep(0.1)
+
     def log_tail(self) -> str:
         return "\n".join(f"--- node {k}\n{self.log(k)[-3000:]}" for k in range(NNODES))
 
@@ -255,10 +262,7 @@ def test_deepseek_v3_dp_attention_across_nodes(deploy, models, all_refs) -> None
     greedy = {"temperature": 0, "max_new_tokens": LONG_DPA, "ignore_eos": True}
     with ThreadPoolExecutor(len(long_refs)) as pool:
         futures = streams_with_node1_killed(pool, d, long_refs, greedy)
-        deadline = time.monotonic() + 30
-        while "world schedulers moves to epoch 1" not in d.log(0):
-            assert time.monotonic() < deadline, d.log_tail()
-            time.sleep(0.1)
+        d.wait_log(0, "world schedulers moves to epoch 1", 30)
         time.sleep(1.5)
         assert "starting world schedulers at epoch" not in d.log(0)  # held while node 1 is away
         d.restart_node(1)
@@ -313,17 +317,14 @@ def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models, all_refs)
     refs = all_refs["llama"]
     d = llama_dp2
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
-    assert "DP ranks on each: node 0: [0], node 1: [1]" in d.log(0)  # the startup summary
+    d.wait_log(0, "DP ranks on each: node 0: [0], node 1: [1]", 10)  # the startup summary
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
     assert f"started nats=nats://{d.hosts.node_addr(1)}:{NATS_PORT},nats://{d.hosts.node_addr(0)}:{NATS_PORT}" in d.log(1)
     # node 1's nats-server dies: its rank carries on over node 0's server
     (nats1,) = d.pids(1, "nats-server")
     os.kill(nats1, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while f"nats reconnected url={d.hosts.node_addr(0)}:{NATS_PORT}" not in d.log(1):
-        assert time.monotonic() < deadline, d.log_tail()
-        time.sleep(0.2)
+    d.wait_log(1, f"nats reconnected url={d.hosts.node_addr(0)}:{NATS_PORT}", 20)
     assert_greedy(d.url, refs[:1], range(1, 2))
 
 
