@@ -17,8 +17,13 @@ inside the modeled time (as under SGLang's overlap scheduler); where it outlasts
 modeled time the run is stretched. The per-step CPU time and the stretch (wall / modeled x S,
 from the schedulers' "sim stats" lines) are printed with the results.
 
+Besides SGLang's columns it prints where the requests went (the dispatcher's debug lines joined
+with each request's TTFT by request id): requests and prompt tokens per rank, the rank of the worst
+TTFT, and each rank's prefix-cache hit rate. `--workload shared-prefix` runs SGLang's
+generated-shared-prefix dataset instead (16 system prompts of 2048 tokens), for cache_aware.
+
     .venv/bin/python benchmarks/bench_lb_sim.py [--configs dsv3-dpa16,llama-dp16] \
-        [--methods round_robin,minimum_tokens] [--time-scale 3]
+        [--methods round_robin,minimum_tokens] [--workload sharegpt|shared-prefix] [--time-scale 3]
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ CONFIGS: dict[str, tuple[str, list[str], int]] = {  # name -> (sim checkpoint, s
                                    "--sim-hardware", "h20"], 16),
     **{f"llama-dp{n}": ("llama-70b", ["--dp-size", str(n), "--sim-hardware", "h200"], n) for n in (16, 32, 64)},
 }
+METHODS = ("round_robin", "random", "total_requests", "total_tokens", "minimum_tokens", "power_of_two", "cache_aware")
 COLUMNS = [("mean_ttft_ms", "mean TTFT ms"), ("median_ttft_ms", "median TTFT ms"), ("p99_ttft_ms", "P99 TTFT ms"),
            ("mean_itl_ms", "mean ITL ms"), ("p99_itl_ms", "P99 ITL ms"), ("output_throughput", "out tok/s")]
 
@@ -77,7 +83,7 @@ def get_json(url: str) -> Any:
 def serve(model: Path, flags: list[str], ranks: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     argv = [sys.executable, "-m", "services.launcher", "serve", "--model-path", str(model), "--port", str(port),
-            "--device", "sim", "--torch-threads", "1", "--context-length", "4096", "--log-level", "info", *flags]
+            "--device", "sim", "--torch-threads", "1", "--context-length", "4096", "--log-level", "debug", *flags]
     proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -122,6 +128,28 @@ def sim_stats(log: Path, scale: float) -> dict[str, float]:
     }
 
 
+def placement(log: Path, rec: dict[str, Any], ranks: int) -> dict[str, Any]:
+    """Where the dispatcher sent each measured request (its debug lines) joined with the request's
+    TTFT: per rank the requests, prompt tokens and worst TTFT; the spread of those over the ranks."""
+    sent = {m.group(1): (int(m.group(3)), int(m.group(2)))
+            for m in re.finditer(r"dispatch rid=(\w+) id=\d+ tokens=(\d+) -> dp(\d+)", log.read_text(errors="replace"))}
+    per_rank: dict[int, list[tuple[int, float]]] = {r: [] for r in range(ranks)}
+    for rid, ttft in zip(rec["rids"], rec["ttfts"], strict=True):
+        if rid in sent and ttft is not None:
+            rank, tokens = sent[rid]
+            per_rank[rank].append((tokens, ttft))
+    reqs = [len(v) for v in per_rank.values()]
+    tokens = [sum(t for t, _ in v) for v in per_rank.values()]
+    worst = max((max((f for _, f in v), default=0.0), r) for r, v in per_rank.items())
+    return {"reqs_per_rank": (min(reqs), max(reqs)), "tokens_per_rank": (min(tokens), max(tokens)),
+            "tokens_cv": statistics.pstdev(tokens) / statistics.mean(tokens) if sum(tokens) else 0.0,
+            "worst_ttft_rank": (worst[1], len(per_rank[worst[1]]), tokens[worst[1]]), "joined": sum(reqs)}
+
+
+def hit_rates(url: str) -> list[float]:
+    return [r["cache_hit_rate"] for r in get_json(url + "/get_loads")["ranks"]]
+
+
 def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
     ckpt, flags, ranks = CONFIGS[config]
     model = work / ckpt
@@ -135,10 +163,11 @@ def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: 
         time.sleep(2.0)
         subprocess.run(
             [sys.executable, "-m", "services.launcher", "bench", "--base-url", url, "--tokenizer", str(model),
-             "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", str(ns.num_prompts),
-             "--request-rate", "inf", "--seed", str(ns.seed), "--output-file", str(out)],
+             *workload_flags(ns, data), "--request-rate", "inf", "--seed", str(ns.seed), "--output-file", str(out),
+             "--output-details"],
             check=True, capture_output=True, cwd=ROOT, timeout=1800,
         )
+        rates = hit_rates(url)
         time.sleep(STATS_WAIT_S)  # one more "sim stats" line from every rank
     finally:
         stop(proc)
@@ -149,11 +178,38 @@ def run_one(config: str, method: str, ns: argparse.Namespace, work: Path, data: 
     row["completed"] = rec.get("completed")
     row |= sim_stats(log, ns.time_scale)
     row["startup_s"] = started
+    row["hit_rate"] = (min(rates), statistics.mean(rates), max(rates))
+    row |= placement(log, rec, ranks)
     print(f"{config} {method}: {json.dumps(row)}", flush=True)
     return row
 
 
 STATS_WAIT_S = 6.0
+
+
+def workload_flags(ns: argparse.Namespace, data: Path) -> list[str]:
+    if ns.workload == "sharegpt":
+        return ["--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", str(ns.num_prompts)]
+    # SGLang's generated-shared-prefix: groups of prompts behind one long system prompt each
+    return ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(GSP_GROUPS),
+            "--gsp-prompts-per-group", str(ns.num_prompts // GSP_GROUPS), "--gsp-system-prompt-len", "2048",
+            "--gsp-question-len", "128", "--gsp-output-len", "256"]
+
+
+GSP_GROUPS = 16
+
+
+def placement_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = ["| method | requests per rank (min-max) | prompt tokens per rank (min-max) | tokens CV | "
+             "rank of the worst TTFT: requests, tokens | cache hit rate per rank (min / mean / max) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method, r in rows.items():
+        w = r["worst_ttft_rank"]
+        h = r["hit_rate"]
+        lines.append(f"| {method} | {r['reqs_per_rank'][0]}-{r['reqs_per_rank'][1]} | {r['tokens_per_rank'][0]}-"
+                     f"{r['tokens_per_rank'][1]} | {r['tokens_cv']:.2f} | dp{w[0]}: {w[1]}, {w[2]} | "
+                     f"{h[0]:.2f} / {h[1]:.2f} / {h[2]:.2f} |")
+    return "\n".join(lines)
 
 
 def table(config: str, rows: dict[str, dict[str, Any]], scale: float) -> str:
@@ -178,7 +234,8 @@ def table(config: str, rows: dict[str, dict[str, Any]], scale: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="dsv3-dpa16,llama-dp16")
-    p.add_argument("--methods", default="round_robin,minimum_tokens")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--workload", choices=("sharegpt", "shared-prefix"), default="sharegpt")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--time-scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1)
@@ -193,7 +250,7 @@ def main() -> None:
     print(f"work dir {work}", flush=True)
     for config in ns.configs.split(","):
         rows = {m: run_one(config, m, ns, work, data) for m in ns.methods.split(",")}
-        print("\n" + table(config, rows, ns.time_scale) + "\n", flush=True)
+        print("\n" + table(config, rows, ns.time_scale) + "\n\n" + placement_table(rows) + "\n", flush=True)
 
 
 if __name__ == "__main__":
