@@ -39,6 +39,7 @@ log = logging.getLogger("launcher")
 RESTART_BACKOFF = 1.0
 START_WINDOW_S = 60.0  # a death this soon after a start counts toward --max-start-failures
 TAIL_LINES = 20  # of each child's stderr, shown when the launcher gives up on it
+WORLD_BROKEN_EXIT = 3  # a scheduler's exit status when its world broke (scheduler.service.EXIT_WORLD_BROKEN)
 _STDERR_LOCK = threading.Lock()
 GROUP_STOP_GRACE = 2.0  # seconds a surviving group member gets to exit on SIGTERM
 DIST_ADDR_FLAG = "--dist-init-addr"
@@ -117,7 +118,11 @@ class Child:
         log.info("started %s pid=%d", self.name, self.proc.pid)
 
     def record_exit(self) -> None:
-        """Counts a death soon after a start; one after a longer life starts the count again."""
+        """Counts a death soon after a start; one after a longer life starts the count again. A rank
+        whose world broke or never formed (WORLD_BROKEN_EXIT) left because of a peer, whose own
+        deaths count where it runs: it neither counts nor resets."""
+        if self.exited == WORLD_BROKEN_EXIT:
+            return
         quick = time.monotonic() - self.started_at < START_WINDOW_S
         self.start_failures = self.start_failures + 1 if quick else 0
 

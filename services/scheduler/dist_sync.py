@@ -70,17 +70,24 @@ def init_world(
     """Joins this replica's world (gloo on CPU, NCCL on CUDA). Without `store_prefix` rank 0 hosts
     the world's TCP store at `init_addr`; with it the store there is a multi-node deployment's
     rendezvous (node 0's launcher hosts it) and this world's keys live under the prefix. Joining
-    and every collective afterwards wait at most `timeout_s` for the peers."""
+    and every collective afterwards wait at most `timeout_s` for the peers; a join that fails
+    (a peer never came, the store is unreachable) is WorldBroken too: the peers are at fault, and
+    the launcher counts only a rank's own deaths against it."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not store_prefix:
-        dist.init_process_group(
-            backend, init_method=f"tcp://{init_addr}", rank=layout.tp_rank, world_size=layout.tp_size, timeout=timeout
-        )
-        return
-    host, _, port = init_addr.rpartition(":")
-    store = dist.PrefixStore(store_prefix, dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timeout))
-    dist.init_process_group(backend, store=store, rank=layout.tp_rank, world_size=layout.tp_size, timeout=timeout)
+
+    def join() -> None:
+        if not store_prefix:
+            dist.init_process_group(
+                backend, init_method=f"tcp://{init_addr}", rank=layout.tp_rank, world_size=layout.tp_size, timeout=timeout
+            )
+            return
+        host, _, port = init_addr.rpartition(":")
+        client = dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timeout)
+        store = dist.PrefixStore(store_prefix, client)
+        dist.init_process_group(backend, store=store, rank=layout.tp_rank, world_size=layout.tp_size, timeout=timeout)
+
+    collective("join the world", join)
 
 
 class GroupSync:

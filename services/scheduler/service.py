@@ -69,7 +69,12 @@ class SchedulerService(Service):
         if self.is_leader and self.dp_rank >= 0:  # confirm it before loading, so the registry gives it to no one else
             self.spawn(self.dispatcher.register_rank(self.dp_rank))
         loop = asyncio.get_running_loop()
-        rank = await loop.run_in_executor(self.executor, build_rank, args, self.layout, self.log)
+        try:
+            rank = await loop.run_in_executor(self.executor, build_rank, args, self.layout, self.log)
+        except WorldBroken as e:  # its peers did not come: the launcher restarts the world
+            self.log.error("could not join its torch.distributed world (tp_rank=%d): %s; exiting with status %d",
+                           self.layout.tp_rank, e, EXIT_WORLD_BROKEN)
+            os._exit(EXIT_WORLD_BROKEN)
         self.engine = rank.engine
         self.world = StepProtocol(self.layout, rank.engine, rank.sync, rank.linears, self.executor)
         if self.dp_rank < 0:

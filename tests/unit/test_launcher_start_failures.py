@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.launcher.supervisor import START_WINDOW_S, Child, Supervisor
+from services.launcher.supervisor import START_WINDOW_S, WORLD_BROKEN_EXIT, Child, Supervisor
 
 
 def poll_until(sup: Supervisor, done, timeout: float = 30) -> Child | None:  # noqa: ANN001
@@ -22,7 +22,7 @@ def poll_until(sup: Supervisor, done, timeout: float = 30) -> Child | None:  # n
 
 def test_a_child_that_keeps_dying_at_start_is_given_up_with_its_last_lines() -> None:
     sup = Supervisor(max_start_failures=2)
-    code = "import sys; print('loading weights', file=sys.stderr); print('boom: bad shard 3', file=sys.stderr); sys.exit(3)"
+    code = "import sys; print('loading weights', file=sys.stderr); print('boom: bad shard 3', file=sys.stderr); sys.exit(5)"
     child = sup.add("scheduler1", [sys.executable, "-c", code])
     try:
         gave_up = poll_until(sup, lambda: False)
@@ -30,7 +30,7 @@ def test_a_child_that_keeps_dying_at_start_is_given_up_with_its_last_lines() -> 
         assert child.restarts == 1  # died, restarted once, died again
         message = child.give_up_message()
         assert message.startswith("scheduler1 keeps dying at its start: 2 deaths in a row")
-        assert "last exit code 3" in message
+        assert "last exit code 5" in message
         assert message.endswith("    loading weights\n    boom: bad shard 3")
     finally:
         sup.stop(timeout=5)
@@ -61,3 +61,17 @@ def test_a_death_after_a_long_life_starts_the_count_again() -> None:
     child.started_at = time.monotonic()
     child.record_exit()
     assert child.start_failures == 1
+
+
+def test_a_rank_whose_world_broke_is_not_counted(tmp_path: Path) -> None:
+    """Exit status 3 (its world broke or never formed: a peer's fault) restarts it without counting."""
+    from services.scheduler.service import EXIT_WORLD_BROKEN
+
+    assert EXIT_WORLD_BROKEN == WORLD_BROKEN_EXIT
+    sup = Supervisor(max_start_failures=1)
+    child = sup.add("scheduler0-tp1", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    try:
+        assert poll_until(sup, lambda: child.restarts >= 2) is None
+        assert child.start_failures == 0
+    finally:
+        sup.stop(timeout=5)
