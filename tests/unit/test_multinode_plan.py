@@ -7,7 +7,7 @@ import pytest
 
 from services.launcher.layout import node_ranks, node_worlds
 from services.launcher.nodes import NodePlan, interface_of, node_of, route_source_addr
-from services.launcher.supervisor import Child, epoch_of, fresh_dist_addr, set_epoch
+from services.launcher.supervisor import Child, epoch_of, free_port, fresh_dist_addr, set_epoch
 from shared.bus import server_list
 from shared.config import ServerArgs
 
@@ -108,3 +108,14 @@ def test_every_world_of_a_multinode_deployment_is_node0s_to_restart() -> None:
     dpa = args("--tp-size", "2", "--dp-size", "2", "--enable-dp-attention")
     assert node_worlds(dpa, 1) == {"schedulers": {0, 1}}
     assert node_worlds(args("--dp-size", "2"), 0) == {}
+
+
+def test_a_rank_that_cannot_reach_the_rendezvous_has_a_broken_world() -> None:
+    """Joining fails within the timeout as WorldBroken (the scheduler's exit status 3), not a hang
+    or a generic crash that would count against the rank."""
+    from services.scheduler.dist_sync import WorldBroken, init_world
+    from services.scheduler.dp_attention import ParallelLayout
+
+    layout = ParallelLayout.from_args(2, 1, 1, enable_dp_attention=False)
+    with pytest.raises(WorldBroken, match="join the world"):
+        init_world(layout, f"127.0.0.1:{free_port()}", "cpu", timeout_s=1.0, store_prefix="scheduler0/0")
