@@ -383,6 +383,15 @@ class WorldEpochs(Struct, kw_only=True):
     nodes: dict[int, str]
 
 
+class LauncherStop(Struct, kw_only=True):
+    """A node's launcher ends the deployment (a process kept dying at its start): every other
+    launcher ends too, with `reason` in its log."""
+
+    node_rank: int
+    instance_id: str
+    reason: str
+
+
 # --- gateway -> tokenizer (request/reply): SGLang's /tokenize and /detokenize -----------------
 
 

@@ -76,3 +76,7 @@ class Subjects:
     @property
     def world_down(self) -> str:  # a node's launcher -> node 0's: WorldDown
         return f"{self.ns}.launcher.down"
+
+    @property
+    def launcher_stop(self) -> str:  # any node's launcher -> every launcher: LauncherStop
+        return f"{self.ns}.launcher.stop"

@@ -109,7 +109,7 @@ def serve_forever(args: ServerArgs) -> int:
     conf_dir = tempfile.TemporaryDirectory(prefix="dpserve-nats-")
     secrets = args.secret_env()  # children read these from the environment, not from argv
     launcher_bus: LauncherBus | None = None
-    step: Callable[[], None] = no_step
+    coordinator: WorldCoordinator | None = None
     try:
         if not args.nats_url:
             args = start_nats(sup, args, plan, Path(conf_dir.name))
@@ -119,9 +119,8 @@ def serve_forever(args: ServerArgs) -> int:
             log.info("node %d of %d at %s: %d scheduler ranks, gloo on %s", plan.node_rank, plan.nnodes,
                      plan.node_addr, len(ranks), plan.gloo_ifname)
             launcher_bus = start_node(sup, args, plan)
-            if launcher_bus is not None:
-                worlds = node_worlds(args, plan.node_rank)
-                step = WorldCoordinator(sup, plan, worlds, launcher_bus, Subjects(args.subject_prefix)).step
+            worlds = node_worlds(args, plan.node_rank)
+            coordinator = WorldCoordinator(sup, plan, worlds, launcher_bus, Subjects(args.subject_prefix))
         if head:
             for name in ("tokenizer", "detokenizer", "dispatcher"):
                 sup.add(name, py + [f"services.{name}"] + args.to_cli(), secrets)
@@ -133,7 +132,7 @@ def serve_forever(args: ServerArgs) -> int:
             # a torch.distributed world restarts as a whole: all ranks with DP attention, else each replica
             sup.add(name, py + ["services.scheduler"] + args.to_cli(**rank), rank_env, group=world_of(args, rank))
         if not head:
-            return supervise(sup, lambda: stopping, step)
+            return supervise(sup, lambda: stopping, coordinator)
         sup.add("gateway", py + ["services.gateway"] + args.to_cli(), secrets)
         url = f"http://{args.host}:{args.port}"
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -146,18 +145,15 @@ def serve_forever(args: ServerArgs) -> int:
                 break
             if stopping:
                 return 0
-            gave_up = sup.poll()  # a rank that dies while the deployment starts is restarted too
-            if gave_up is not None:
-                log.error(gave_up.give_up_message())
+            if not turn(sup, coordinator):  # a rank that dies while the deployment starts is restarted too
                 return 1
-            step()
             if time.monotonic() > deadline:
                 log.error("/health did not answer within %.0fs", STARTUP_TIMEOUT)
                 return 1
             time.sleep(0.2)
         progress.close()
         print(summary(args, url, server_info(url)), flush=True)
-        return supervise(sup, lambda: stopping, step)
+        return supervise(sup, lambda: stopping, coordinator)
     finally:
         log.info("stopping all services")
         if launcher_bus is not None:
@@ -180,28 +176,37 @@ def start_nats(sup: Supervisor, args: ServerArgs, plan: NodePlan | None, conf_di
     return dataclasses.replace(args, nats_url=plan.nats_url)
 
 
-def start_node(sup: Supervisor, args: ServerArgs, plan: NodePlan) -> LauncherBus | None:
+def start_node(sup: Supervisor, args: ServerArgs, plan: NodePlan) -> LauncherBus:
     """What a node of several runs beside its services: node 0 the rendezvous store (when any
-    world exists); every node with a world a bus client for its restarts (returned)."""
+    world exists); every node the launcher's own bus client (returned), for world restarts and
+    for ending the deployment together."""
     if plan.is_head and any("dist_init_addr" in r for r in scheduler_ranks(args)):
         sup.add("rendezvous", [sys.executable, "-m", "services.launcher.rendezvous", plan.dist_init_addr])
-    if not node_worlds(args, plan.node_rank):
-        return None
     return LauncherBus(args.nats_url, connect_options(args))
 
 
-def no_step() -> None:
-    """Nothing to coordinate: one node, or no world spans nodes."""
+def turn(sup: Supervisor, coordinator: WorldCoordinator | None) -> bool:
+    """One turn of the supervisor loop: restart what exited, let the coordinator act (several
+    nodes). False: the deployment ends (said in the log, and to the other nodes)."""
+    gave_up = sup.poll()
+    if gave_up is not None:
+        message = gave_up.give_up_message()
+        log.error(message)
+        if coordinator is not None:
+            coordinator.end(message)
+        return False
+    reason = coordinator.step() if coordinator is not None else None
+    if reason is not None:
+        log.error(reason)
+        return False
+    return True
 
 
-def supervise(sup: Supervisor, stopping: Callable[[], bool], step: Callable[[], None]) -> int:
-    """Restarts whatever exits until a signal comes, or until a process keeps dying at its start;
-    `step`: the world coordinator's turn (multi-node)."""
+def supervise(sup: Supervisor, stopping: Callable[[], bool], coordinator: WorldCoordinator | None) -> int:
+    """Restarts whatever exits until a signal comes, or until the deployment ends (a process kept
+    dying at its start, here or on another node)."""
     while not stopping():
-        gave_up = sup.poll()
-        if gave_up is not None:
-            log.error(gave_up.give_up_message())
+        if not turn(sup, coordinator):
             return 1
-        step()
         time.sleep(0.2)
     return 0

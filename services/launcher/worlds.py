@@ -10,7 +10,10 @@ cost a round trip to node 0). The launchers talk over the bus (subjects `launche
 - every launcher sends `NodeReport` (its node, a fresh instance id per start) every REPORT_S;
 - node 0 sends `WorldEpochs` (each world's epoch and the launcher instances it knows)
   every REPORT_S and at once when an epoch moves;
-- a node whose local member died stops the world's other local members and sends `WorldDown`.
+- a node whose local member died stops the world's other local members and sends `WorldDown`;
+- a launcher that ends the deployment (a process kept dying at its start) sends `LauncherStop`,
+  and every other launcher ends with it (node 0's API would otherwise serve without those ranks,
+  or node k's ranks wait for a node 0 that is gone).
 
 Node 0 moves a world to the next epoch when one of its members died anywhere (locally, or a
 `WorldDown` of the current epoch) or when a node of the world came back as a new launcher
@@ -38,7 +41,7 @@ import msgspec
 from services.launcher.nodes import NodePlan
 from services.launcher.supervisor import Supervisor, epoch_of
 from shared.bus import Bus
-from shared.messages import NodeReport, WorldDown, WorldEpochs
+from shared.messages import LauncherStop, NodeReport, WorldDown, WorldEpochs
 from shared.subjects import Subjects
 
 log = logging.getLogger("launcher")
@@ -100,6 +103,7 @@ class WorldCoordinator:
         self.last_report = float("-inf")
         sup.coordinated |= set(worlds)
         sup.on_world_down = self.world_down
+        bus.subscribe(subjects.launcher_stop, LauncherStop)
         if plan.is_head:
             bus.subscribe(subjects.nodes, NodeReport)
             bus.subscribe(subjects.world_down, WorldDown)
@@ -107,9 +111,12 @@ class WorldCoordinator:
             sup.held |= set(worlds)  # until node 0 names the epoch
             bus.subscribe(subjects.world_epochs, WorldEpochs)
 
-    def step(self) -> None:
-        """The supervisor loop's turn: handle what arrived, start what may start, report."""
+    def step(self) -> str | None:
+        """The supervisor loop's turn: handle what arrived, start what may start, report. Returns
+        why the deployment ends when another node's launcher ended it."""
         for at, msg in self.bus.received():
+            if isinstance(msg, LauncherStop) and msg.instance_id != self.instance_id:
+                return f"node {msg.node_rank}'s launcher ended the deployment: {msg.reason}"
             if isinstance(msg, NodeReport):
                 self.on_node_report(msg, at)
             elif isinstance(msg, WorldDown):
@@ -125,6 +132,12 @@ class WorldCoordinator:
                 self.publish_epochs()
             else:
                 self.bus.publish(self.subjects.nodes, NodeReport(node_rank=self.plan.node_rank, instance_id=self.instance_id))
+        return None
+
+    def end(self, reason: str) -> None:
+        """Tells every other launcher that this one ends the deployment (sent when the bus closes)."""
+        stop = LauncherStop(node_rank=self.plan.node_rank, instance_id=self.instance_id, reason=reason)
+        self.bus.publish(self.subjects.launcher_stop, stop)
 
     def world_down(self, world: str, epoch: int) -> None:
         """Supervisor callback: a local member died (its local peers are stopped already)."""

@@ -15,13 +15,15 @@ in a node's namespace is bound to that node's address: a server left on 127.0.0.
 wildcard) fails the test. When node 1's nats-server dies, node 1's rank reconnects to node 0's
 server and keeps serving. When node 1 dies mid-stream, its replica's requests migrate to node 0's
 and finish with their greedy output, and node 1 rejoins when its launcher is back; when node 1's
-cable is pulled and put back, its rank serves again once the NATS route heals.
+cable is pulled and put back, its rank serves again once the NATS route heals. When node 1's
+rank keeps dying at its start, node 1's launcher gives up and node 0's ends with it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,7 +110,8 @@ class Deployment:
     """Every node's launcher; node 1 starts first, as an operator would bring up workers."""
 
     def __init__(
-        self, hosts: Hosts, logs: Path, argv: list[list[str]], envs: list[dict[str, str]] | None = None
+        self, hosts: Hosts, logs: Path, argv: list[list[str]], envs: list[dict[str, str]] | None = None,
+        wait_healthy: bool = True,
     ) -> None:
         self.hosts = hosts
         self.url = f"http://{hosts.node_addr(0)}:{HTTP_PORT}"
@@ -116,6 +119,8 @@ class Deployment:
         self.argv = argv
         self.envs = [os.environ | e for e in envs] if envs else [None] * NNODES
         self.procs = [self._start(k) for k in reversed(range(NNODES))][::-1]
+        if not wait_healthy:
+            return
         deadline = time.monotonic() + 180
         while not health_ok(self.url):
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
@@ -311,6 +316,26 @@ def test_deepseek_v3_tp4_dp2_two_ranks_per_node(deploy, models, all_refs) -> Non
         assert len([p for p in d.pids(k, "python") if "services.scheduler" in cmdline(p)]) == 2
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
+
+
+def test_a_rank_that_keeps_dying_on_node1_ends_every_node(hosts: Hosts, models, tmp_path: Path) -> None:  # noqa: ANN001
+    """Node 1's weights are truncated: its rank dies at its start --max-start-failures times, node
+    1's launcher gives up naming it with its last log lines, and node 0's launcher ends too, with
+    that reason in its log."""
+    broken = tmp_path / "broken"
+    shutil.copytree(models["llama"], broken)
+    (shard,) = broken.glob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:100])
+    argv = serve_argv(hosts, models["llama"], "--dp-size", "2", "--max-start-failures", "1")
+    argv[1][argv[1].index("--model-path") + 1] = str(broken)
+    d = Deployment(hosts, tmp_path, argv, wait_healthy=False)  # it is meant to end
+    try:
+        assert [p.wait(120) for p in d.procs] == [1, 1], d.log_tail()
+    finally:
+        d.stop()
+    assert "scheduler1 keeps dying at its start: 1 death in a row" in d.log(1)
+    ended = d.log(0)[d.log(0).index("node 1's launcher ended the deployment: scheduler1 keeps dying"):]
+    assert "SafetensorError: Error while deserializing header" in ended, ended[:3000]
 
 
 def test_llama_dp2_one_replica_per_node(llama_dp2: Deployment, models, all_refs) -> None:  # noqa: ANN001
