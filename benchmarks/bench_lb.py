@@ -88,6 +88,44 @@ def serve(model: str, method: str, log: Path, extra: list[str]) -> tuple[subproc
     return proc, url
 
 
+HEADER = ("| method | req/s | tok/s | mean TTFT ms | median TTFT ms | P99 TTFT ms | mean ITL ms | median ITL ms "
+          "| P95 ITL ms | P99 ITL ms | shared-prefix hit rate | prefix failures |")
+Row = tuple  # (label, 9 numbers in HEADER's order, hit rate, prefix failures)
+
+
+def run_workloads(url: str, model: str, data: Path, ns: argparse.Namespace, label: str,
+                  bench_args: list[str] | None = None) -> tuple[Row, str]:
+    """Workload 2 (shared prefix), a flush_cache, then workload 1 through `dpserve bench` against
+    the server at `url`: the table row and `dpserve bench`'s result block. `ns` holds the flags
+    of main(); `bench_args`: more `dpserve bench` flags (e.g. --output-file)."""
+    hit, failed_prefix = asyncio.run(shared_prefix(url, ns.groups, ns.per_group, ns.seed))
+    subprocess.run([sys.executable, "-c", "import urllib.request as u; u.urlopen(u.Request("
+                    f"'{url}/flush_cache', data=b'', method='POST'))"], check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.launcher", "bench", "--base-url", url, "--tokenizer", model,
+         "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", str(ns.num_prompts),
+         "--request-rate", str(ns.request_rate), "--seed", str(ns.seed), "--backend", "sglang",
+         *(bench_args or [])],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    block = out[out.index("=" * 12) :] if "=" * 12 in out else out
+
+    def num(name: str) -> float:
+        m = re.search(re.escape(name) + r":\s+([\d.]+)", block)
+        return float(m.group(1)) if m else float("nan")
+
+    row = (label, num("Request throughput (req/s)"), num("Total token throughput (tok/s)"), num("Mean TTFT (ms)"),
+           num("Median TTFT (ms)"), num("P99 TTFT (ms)"), num("Mean ITL (ms)"), num("Median ITL (ms)"),
+           num("P95 ITL (ms)"), num("P99 ITL (ms)"), hit, failed_prefix)
+    return row, block
+
+
+def table(rows: list[Row], header: str = HEADER) -> str:
+    lines = [header, "|" + " --- |" * 12]
+    lines += [f"| {r[0]} | " + " | ".join(f"{v:.2f}" for v in r[1:10]) + f" | {r[10]:.1%} | {r[11]} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default=",".join(ALL))
@@ -107,33 +145,13 @@ def main() -> None:
     for method in ns.methods.split(","):
         proc, url = serve(model, method, work / f"{method}.log", ns.serve_args.split())
         try:
-            hit, failed_prefix = asyncio.run(shared_prefix(url, ns.groups, ns.per_group, ns.seed))
-            subprocess.run([sys.executable, "-c", "import urllib.request as u; u.urlopen(u.Request("
-                            f"'{url}/flush_cache', data=b'', method='POST'))"], check=False)
-            out = subprocess.run(
-                [sys.executable, "-m", "services.launcher", "bench", "--base-url", url, "--tokenizer", model,
-                 "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", str(ns.num_prompts),
-                 "--request-rate", str(ns.request_rate), "--seed", str(ns.seed), "--backend", f"dpserve-{method}"],
-                capture_output=True, text=True, check=True,
-            ).stdout
+            row, block = run_workloads(url, model, data, ns, method)
         finally:
             proc.terminate()
             proc.wait(60)
-        block = out[out.index("=" * 12) :] if "=" * 12 in out else out
         print(f"\n### --load-balance-method {method}\n{block}", flush=True)
-
-        def num(label: str, text: str = block) -> float:
-            m = re.search(re.escape(label) + r":\s+([\d.]+)", text)
-            return float(m.group(1)) if m else float("nan")
-
-        rows.append((method, num("Request throughput (req/s)"), num("Total token throughput (tok/s)"),
-                     num("Mean TTFT (ms)"), num("Median TTFT (ms)"), num("P99 TTFT (ms)"), num("Mean ITL (ms)"),
-                     num("Median ITL (ms)"), num("P95 ITL (ms)"), num("P99 ITL (ms)"), hit, failed_prefix))
-    print("\n| method | req/s | tok/s | mean TTFT ms | median TTFT ms | P99 TTFT ms | mean ITL ms | median ITL ms "
-          "| P95 ITL ms | P99 ITL ms | shared-prefix hit rate | prefix failures |")
-    print("|" + " --- |" * 12)
-    for r in rows:
-        print(f"| {r[0]} | " + " | ".join(f"{v:.2f}" for v in r[1:10]) + f" | {r[10]:.1%} | {r[11]} |")
+        rows.append(row)
+    print("\n" + table(rows))
 
 
 if __name__ == "__main__":
