@@ -126,16 +126,21 @@ def table(rows: list[Row], header: str = HEADER) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--methods", default=",".join(ALL))
-    p.add_argument("--num-prompts", type=int, default=200)
+def add_workload_args(p: argparse.ArgumentParser, num_prompts: int) -> None:
+    """The flags run_workloads reads from its `ns`, and the model and serve flags beside them."""
+    p.add_argument("--num-prompts", type=int, default=num_prompts)
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--per-group", type=int, default=8)
     p.add_argument("--model-path", default="")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--serve-args", default="", help="extra `dpserve serve` flags, e.g. '--balance-abs-threshold 4096'")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--methods", default=",".join(ALL))
+    add_workload_args(p, num_prompts=200)
     ns = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_lb_"))
     model = ns.model_path or str(create_tiny_model(work / "tiny", arch="llama", seed=0))

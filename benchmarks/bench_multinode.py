@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_lb import HEADER, Row, run_workloads, sharegpt_file, table  # noqa: E402
+from benchmarks.bench_lb import HEADER, Row, add_workload_args, run_workloads, sharegpt_file, table  # noqa: E402
 from services.launcher.supervisor import health_ok  # noqa: E402
 from services.launcher.tiny_model import create_tiny_model  # noqa: E402
 from shared.subjects import Subjects  # noqa: E402
@@ -282,15 +282,9 @@ def interrupted(_signum: int, _frame: object) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default="round_robin,minimum_tokens")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--request-rate", type=float, default=float("inf"))
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--per-group", type=int, default=8)
-    p.add_argument("--model-path", default="")
-    p.add_argument("--seed", type=int, default=1)
+    add_workload_args(p, num_prompts=100)  # the --serve-args go to both layouts
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--rtt-samples", type=int, default=2000)
-    p.add_argument("--serve-args", default="", help="extra `dpserve serve` flags for both layouts")
     ns = p.parse_args()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # even where the shell left SIGINT ignored
         signal.signal(sig, interrupted)
