@@ -313,7 +313,8 @@ def test_deepseek_v3_tp4_dp2_two_ranks_per_node(deploy, models, all_refs) -> Non
     wait_ranks(d.url, 2)
     assert node_of_ranks(d.url) == {0: 0, 1: 1}
     for k in range(NNODES):
-        assert len([p for p in d.pids(k, "python") if "services.scheduler" in cmdline(p)]) == 2
+        python = Path(sys.executable).name  # python3 where pytest runs from the venv's script
+        assert len([p for p in d.pids(k, python) if "services.scheduler" in cmdline(p)]) == 2
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
 

@@ -172,7 +172,8 @@ def test_regex_constrains_the_output(server: Any) -> None:
 @sgl.function
 def typed(s: Any) -> None:
     s += "Age: " + sgl.gen_int("age", max_tokens=6) + "\n"
-    s += "Colour: " + sgl.gen("colour", max_tokens=16, json_schema=json.dumps(COLOUR))
+    # room for the longest tokenization of '{"colour": "blue"}' (the grammar ends the request)
+    s += "Colour: " + sgl.gen("colour", max_tokens=64, json_schema=json.dumps(COLOUR))
 
 
 COLOUR = {
