@@ -42,6 +42,7 @@ TAIL_LINES = 20  # of each child's stderr, shown when the launcher gives up on i
 WORLD_BROKEN_EXIT = 3  # a scheduler's exit status when its world broke (scheduler.service.EXIT_WORLD_BROKEN)
 _STDERR_LOCK = threading.Lock()
 GROUP_STOP_GRACE = 2.0  # seconds a surviving group member gets to exit on SIGTERM
+PEER_NOTICE_S = 2.0  # seconds the survivors of a dead world member get to fail its collectives themselves
 DIST_ADDR_FLAG = "--dist-init-addr"
 DIST_PREFIX_FLAG = "--dist-store-prefix"
 
@@ -208,6 +209,7 @@ class Supervisor:
                 # One member of a torch.distributed world died: the others fail (or time out of)
                 # its collectives, so the whole world starts again.
                 log.warning("restarting its group %s: %s", child.group, " ".join(c.name for c in peers))
+                _await_exit(peers, PEER_NOTICE_S)  # each logs why it left; one mid-step gets to its collective
                 _terminate(peers, timeout=GROUP_STOP_GRACE)
                 fresh_dist_addr([child, *peers])
             time.sleep(RESTART_BACKOFF)
@@ -248,6 +250,12 @@ def fresh_dist_addr(members: list[Child]) -> None:
             host = argv[i].rsplit(":", 1)[0]
             argv[i] = f"{host}:{new_port}"
             log.info("%s restarts with %s %s", member.name, DIST_ADDR_FLAG, argv[i])
+
+
+def _await_exit(children: list[Child], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(c.exited is None for c in children if c.proc is not None) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _terminate(children: list[Child], timeout: float) -> None:
