@@ -9,7 +9,7 @@ load-balance method, one fresh deployment per layout:
             one nats-server per node, clustered
 The client (bench_lb.py's shared-prefix workload, then `dpserve bench` on its skewed ShareGPT-like
 workload) runs in this namespace and reaches node 0's gateway over the bridge in both layouts.
-The two layouts alternate order from one method (or repeat) to the next.
+The two layouts alternate order from one method to the next and between repeats of a method.
 
 What crossing costs, measured directly (benchmarks/bus_probes.py):
 - bus round trip: NATS request/reply from node 0 to a responder on node 0 and to one on node 1
@@ -301,12 +301,10 @@ def main() -> None:
         sharegpt_file(data, ns.num_prompts * 2, ns.seed)
         results: list[Result] = []
         rtts: dict[int, dict[str, Any]] = {}
-        turn = 0
         for rep in range(ns.repeats):
-            for method in ns.methods.split(","):
-                order = (1, 2) if turn % 2 == 0 else (2, 1)
-                turn += 1
-                for nnodes in order:
+            for i, method in enumerate(ns.methods.split(",")):
+                # the layouts' order alternates between methods and between repeats of a method
+                for nnodes in (1, 2) if (rep + i) % 2 == 0 else (2, 1):
                     label = f"{method}, {nnodes} node{'s' if nnodes > 1 else ''}" + (f" #{rep + 1}" if ns.repeats > 1 else "")
                     run_dir = work / f"{method}-{nnodes}n-{rep}"
                     run_dir.mkdir()
