@@ -25,6 +25,9 @@ LOAD_BALANCE_METHODS = (
     "cache_aware",
 )
 
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("gloo",)
+
 # auto: triton on CUDA, torch elsewhere (services.scheduler.model.attention_backends).
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -46,6 +49,7 @@ GROUPS = {
     "bus": "the NATS connection every service shares",
     "security": "API key, NATS credentials and TLS; `serve` hands secrets to children as env vars, never argv",
     "reliability": "timeouts, liveness and recovery",
+    "disaggregation": "prefill and decode on separate DP ranks: `serve --prefill-dp-size P --decode-dp-size D`",
     "multi-node": "one deployment across machines: `serve` on every node, the same layout flags, its own "
     "--node-rank; node 0's address in --dist-init-addr",
 }
@@ -185,6 +189,34 @@ class ServerArgs:
     gloo_socket_ifname: str = arg("", "The network interface gloo binds on this node (the ranks' "
                                   "GLOO_SOCKET_IFNAME); empty: the interface that holds --node-addr",
                                   "multi-node")
+    # disaggregation
+    disaggregation_mode: str = arg("null", "Scheduler: this world's role; prefill: it only prefills and ships the "
+                                   "KV to a decode rank; decode: it takes prompts' KV from prefill ranks (short "
+                                   "ones it prefills itself); null: both (serve sets it per side)",
+                                   "disaggregation", choices=DISAGGREGATION_MODES)
+    dp_rank_base: int = arg(0, "Scheduler only: the DP rank of its world's first DP group (the prefill side's "
+                            "ranks follow the decode side's; serve sets it)", "disaggregation")
+    prefill_dp_size: int = arg(0, "serve: DP ranks that only prefill (with --decode-dp-size; 0: colocated)",
+                               "disaggregation")
+    decode_dp_size: int = arg(0, "serve: DP ranks that decode (with --prefill-dp-size; 0: colocated)",
+                              "disaggregation")
+    prefill_tp_size: int = arg(0, "serve: the prefill side's --tp-size; 0: --tp-size", "disaggregation")
+    decode_tp_size: int = arg(0, "serve: the decode side's --tp-size; 0: --tp-size", "disaggregation")
+    prefill_enable_dp_attention: bool = arg(False, "serve: DP attention on the prefill side (--enable-dp-attention "
+                                            "sets it on both)", "disaggregation")
+    decode_enable_dp_attention: bool = arg(False, "serve: DP attention on the decode side (--enable-dp-attention "
+                                           "sets it on both)", "disaggregation")
+    disaggregation_transfer_backend: str = arg("gloo", "How the KV goes from a prefill rank to a decode rank: "
+                                               "gloo (torch.distributed point-to-point, one pair per prefill/decode "
+                                               "rank pair, over TCP)", "disaggregation", choices=TRANSFER_BACKENDS)
+    disaggregation_min_prompt_tokens: int = arg(256, "Dispatcher: a prompt with fewer tokens not in the decode "
+                                                "rank's cache is prefilled there, not sent to a prefill rank",
+                                                "disaggregation")
+    disaggregation_max_prefill_queue: int = arg(65536, "Dispatcher: when the least loaded prefill rank holds more "
+                                                "tokens than this, the decode rank prefills locally; 0: no limit",
+                                                "disaggregation")
+    disaggregation_transfer_timeout: float = arg(60.0, "Decode rank: seconds a request waits for its KV from a "
+                                                 "prefill rank before it prefills locally", "disaggregation")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -276,7 +308,27 @@ class ServerArgs:
             raise ValueError("--mem-fraction-static must be in [0, 1) and --max-prefill-tokens >= 1")
         if self.max_start_failures < 1:
             raise ValueError("--max-start-failures must be >= 1")
+        self._validate_disaggregation()
         self._validate_nodes()
+
+    @property
+    def disaggregated(self) -> bool:
+        """serve runs separate prefill and decode ranks (--prefill-dp-size / --decode-dp-size)."""
+        return self.prefill_dp_size > 0 or self.decode_dp_size > 0
+
+    def _validate_disaggregation(self) -> None:
+        if self.disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(f"unknown --disaggregation-mode {self.disaggregation_mode} ({' | '.join(DISAGGREGATION_MODES)})")
+        if self.prefill_dp_size < 0 or self.decode_dp_size < 0 or self.prefill_tp_size < 0 or self.decode_tp_size < 0:
+            raise ValueError("--prefill-dp-size, --decode-dp-size and the sides' --*-tp-size must be >= 0")
+        if self.disaggregated and not (self.prefill_dp_size and self.decode_dp_size):
+            raise ValueError("--prefill-dp-size and --decode-dp-size go together (each >= 1)")
+        if self.dp_rank_base < 0:
+            raise ValueError("--dp-rank-base must be >= 0")
+        if self.disaggregation_transfer_timeout <= 0 or self.disaggregation_min_prompt_tokens < 0:
+            raise ValueError("--disaggregation-transfer-timeout must be > 0, --disaggregation-min-prompt-tokens >= 0")
+        if self.disaggregation_max_prefill_queue < 0:
+            raise ValueError("--disaggregation-max-prefill-queue must be >= 0 (0: no limit)")
 
     def _validate_nodes(self) -> None:
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
