@@ -16,7 +16,15 @@ from pathlib import Path
 
 from services.bench import main as bench_main
 from services.launcher.config_file import load_config_file
-from services.launcher.layout import node_ranks, node_worlds, scheduler_ranks, world_of
+from services.launcher.layout import (
+    deployment_args,
+    node_ranks,
+    node_worlds,
+    process_name,
+    scheduler_ranks,
+    validate_sides,
+    world_of,
+)
 from services.launcher.nodes import NodePlan
 from services.launcher.startup import Progress, server_info, summary
 from services.launcher.supervisor import Supervisor, free_port, health_ok, nats_server_argv, wait_port
@@ -77,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_forever(args: ServerArgs) -> int:
+    try:
+        validate_sides(args)
+    except ValueError as e:
+        log.error("cannot serve this layout: %s", e)
+        return 2
+    # the prefill and decode sides' schedulers get their own layout; the rest counts P + D ranks
+    args = deployment_args(args)
     # once, here: the children get the checkpoint dir (the default model / a GGUF converted)
     try:
         args = dataclasses.replace(args, model_path=resolve_model_path(args.model_path))
@@ -128,9 +143,9 @@ def serve_forever(args: ServerArgs) -> int:
         ifname = {"GLOO_SOCKET_IFNAME": plan.gloo_ifname, "NCCL_SOCKET_IFNAME": plan.gloo_ifname} if plan else {}
         rank_env = secrets | ifname
         for rank in ranks:
-            name = f"scheduler{rank['dp_rank']}" + (f"-tp{rank['tp_rank']}" if args.tp_size > 1 else "")
             # a torch.distributed world restarts as a whole: all ranks with DP attention, else each replica
-            sup.add(name, py + ["services.scheduler"] + args.to_cli(**rank), rank_env, group=world_of(args, rank))
+            argv = py + ["services.scheduler"] + args.to_cli(**rank)
+            sup.add(process_name(args, rank), argv, rank_env, group=world_of(args, rank))
         if not head:
             return supervise(sup, lambda: stopping, coordinator)
         sup.add("gateway", py + ["services.gateway"] + args.to_cli(), secrets)

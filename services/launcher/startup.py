@@ -1,7 +1,7 @@
 """What `dpserve serve` shows while it starts: a progress bar on stderr, then a summary on stdout.
 
 Progress counts the DP ranks that have loaded their model and reported (`/get_server_info`'s
-`internal_states`) out of `dp_size`; on a terminal it redraws one line, otherwise it prints a line
+`internal_states`) out of `dp_size` (both sides' ranks when prefill and decode are apart); on a terminal it redraws one line, otherwise it prints a line
 whenever the count changes.
 """
 
@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
+from services.launcher.layout import sides
 from shared.config import ServerArgs
 
 BAR = 30
@@ -58,7 +59,7 @@ def summary(args: ServerArgs, url: str, info: dict[str, Any] | None) -> str:
     lines = [
         f"dpserve is serving {args.model_name} at {url} (dp_size={args.dp_size})",
         f"  model        {args.model_path}",
-        f"  ranks        {args.dp_size} DP x {args.tp_size} TP, load balance {args.load_balance_method}, {len(states)} live",
+        f"  ranks        {shape(args)}, load balance {args.load_balance_method}, {len(states)} live",
         f"  KV capacity  {kv_text}",
         f"  bus          {args.nats_url} (subjects {args.subject_prefix}.*)",
         *([f"  nodes        {args.nnodes}, rendezvous at {args.dist_init_addr}; DP ranks on each: {per_node(states)}"]
@@ -66,6 +67,13 @@ def summary(args: ServerArgs, url: str, info: dict[str, Any] | None) -> str:
         f"  API          {url}/generate  {url}/v1/chat/completions  {url}/v1/completions  {url}/metrics",
     ]
     return "\n".join(lines)
+
+
+def shape(args: ServerArgs) -> str:
+    """`2 DP x 1 TP`, or each side's: `decode 2 DP x 1 TP, prefill 1 DP x 1 TP`."""
+    if not args.disaggregated:
+        return f"{args.dp_size} DP x {args.tp_size} TP"
+    return ", ".join(f"{side.mode} {side.shape}" for side in sides(args))
 
 
 def per_node(states: list[dict[str, Any]]) -> str:
