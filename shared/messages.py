@@ -157,6 +157,9 @@ class TokenizedRequest(Struct, kw_only=True, omit_defaults=True):
     # stop checks) and the seq of its first TokenOutput (a new epoch, above every earlier seq)
     resume_output_ids: list[int] = field(default_factory=list)
     first_seq: int = 0
+    # disaggregation (set by the dispatcher): the prefill rank that computes this prompt's KV and first
+    # token for the decode rank it is sent to; None: the rank prefills it itself
+    prefill_dp_rank: int | None = None
 
 
 # --- scheduler leader -> detokenizer --------------------------------------------------------
@@ -261,6 +264,9 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
     instance_id: str = ""  # changes when the rank process restarts
     finished: list[int] = field(default_factory=list)  # accepted dispatch ids that ended since last report
     node_rank: int = 0  # the node (--node-rank) the rank's leader runs on
+    mode: str = "null"  # --disaggregation-mode: "prefill" ranks only take prefill tasks from decode ranks
+    bootstrap_addr: str = ""  # a prefill rank: host:port where decode ranks open KV transfer pairs
+    tasks_accepted: list[int] = field(default_factory=list)  # a prefill rank: dispatch ids of tasks taken since the last report
 
     def problem(self, dp_size: int) -> str | None:
         """What makes this report nonsense (it would corrupt a load table), or None. Schedulers send
@@ -276,7 +282,38 @@ class LoadReport(Struct, kw_only=True, omit_defaults=True):
             return "negative dispatch ids"
         if self.node_rank < 0:
             return "negative node_rank"
+        if self.mode not in ("null", "prefill", "decode"):
+            return f"unknown mode {self.mode!r}"
         return None
+
+
+# --- disaggregation: decode rank <-> prefill rank (control only: the KV goes over a transfer engine) ---
+
+
+class PrefillTask(Struct, kw_only=True, omit_defaults=True):
+    """Decode rank -> prefill rank: prefill `req`, ship the KV rows of its prompt from `skip` on
+    (what the decode rank has cached) under `tag` on the pair `pair_key`, then answer PrefillDone."""
+
+    req: TokenizedRequest
+    decode_dp_rank: int
+    pair_key: str
+    tag: int
+    skip: int
+    nbytes: int  # the rows' size the decode rank expects (it checks the models agree)
+    prefill_instance: str  # the instance it was meant for: a restarted rank refuses it
+
+
+class PrefillDone(Struct, kw_only=True, omit_defaults=True):
+    """Prefill rank -> decode rank, after the rows were sent (or could not be): the first token's
+    output (logprobs included) and the sampler's generator state after drawing it."""
+
+    rid: str
+    tag: int
+    ok: bool
+    message: str = ""
+    output: TokenOutput | None = None
+    rng_state: bytes = b""
+    cached_tokens: int = 0  # prompt tokens the prefill rank had cached
 
 
 # --- control: dispatcher / gateway -> all schedulers ----------------------------------------

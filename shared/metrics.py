@@ -73,6 +73,22 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "dpserve:dispatcher_rank_live": ("gauge", "1 while a DP rank is live, 0 while dead"),
     "dpserve:dispatcher_dead_ranks": ("gauge", "DP ranks currently dead"),
     "dpserve:dispatcher_pending_requests": ("gauge", "Requests waiting for a live DP rank"),
+    "dpserve:disaggregation_decisions_total": (
+        "counter",
+        "Requests of a disaggregated deployment, by where their prompt is prefilled (remote, local) and why",
+    ),
+    # prefill/decode disaggregation, per rank
+    "dpserve:kv_transfer_bytes_total": ("counter", "KV bytes a prefill rank shipped or a decode rank installed"),
+    "dpserve:kv_transfer_tokens_total": ("counter", "Prompt tokens of the KV a rank shipped or installed"),
+    "dpserve:kv_transfer_seconds": (
+        "histogram",
+        "Prefill rank: rows handed to the transfer engine until sent; decode rank: task sent until KV installed",
+    ),
+    "dpserve:prefill_requests_total": ("counter", "A decode rank's requests by where their prompt was prefilled"),
+    "dpserve:kv_transfer_failures_total": (
+        "counter",
+        "Transfers that failed, by reason (the decode rank then prefills the request itself)",
+    ),
     # tokenizer
     "dpserve:tokenizer_requests_total": (
         "counter",

@@ -31,6 +31,12 @@ class Subjects:
     def sched_req(self, dp_rank: int) -> str:  # dispatcher -> DP group leader
         return f"{self.ns}.sched.{dp_rank}.req"
 
+    def sched_prefill(self, dp_rank: int) -> str:  # decode rank -> prefill rank: PrefillTask
+        return f"{self.ns}.sched.{dp_rank}.prefill"
+
+    def sched_kv(self, dp_rank: int) -> str:  # prefill rank -> decode rank: PrefillDone
+        return f"{self.ns}.sched.{dp_rank}.kv"
+
     @property
     def sched_control(self) -> str:  # dispatcher / gateway -> all schedulers
         return f"{self.ns}.sched.control"

@@ -52,6 +52,11 @@ class RankState:
         return self.report.holding_tokens if self.report else 0
 
     @property
+    def mode(self) -> str:
+        """Its --disaggregation-mode, as it reports it ("null" until a report says)."""
+        return self.report.mode if self.report else "null"
+
+    @property
     def num_requests(self) -> int:
         r = self.report
         return (r.num_running + r.num_waiting if r else 0) + len(self.in_flight)

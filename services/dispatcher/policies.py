@@ -57,6 +57,10 @@ class Policy(ABC):
         """Called for every request sent to a rank, routed ones included."""
         return None
 
+    def cached_tokens(self, req: TokenizedRequest, dp_rank: int) -> int:
+        """Prompt tokens the policy thinks `dp_rank` has cached (0: it does not track caches)."""
+        return 0
+
     def on_rank_reset(self, dp_rank: int) -> None:
         """The rank restarted: whatever the policy remembered about it is gone."""
         return None
@@ -142,6 +146,9 @@ class CacheAware(Policy):
             # among equally good matches, the lighter one
             return _lightest([by_rank[k] for k in match.ranks], minimum_tokens_load)
         return min(live, key=lambda r: (self.tree.size.get(r.dp_rank, 0), minimum_tokens_load(r), r.dp_rank))
+
+    def cached_tokens(self, req: TokenizedRequest, dp_rank: int) -> int:
+        return self.tree.match(req.input_ids, [dp_rank]).length
 
     def on_dispatched(self, req: TokenizedRequest, dp_rank: int) -> None:
         self.tree.insert(req.input_ids, dp_rank)

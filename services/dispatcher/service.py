@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
+from services.dispatcher.disaggregation import Disaggregation, DisaggregationConfig
 from services.dispatcher.loads import LoadTable, Outcome, RankState
 from services.dispatcher.metrics import DispatcherMetrics
 from services.dispatcher.migration import PARK_TIMEOUT, Migrations
@@ -42,7 +43,7 @@ from shared.messages import (
     TextBatch,
     TokenizedRequest,
 )
-from shared.metrics import publish_snapshots
+from shared.metrics import Sample, publish_snapshots
 
 PENDING_TIMEOUT = 30.0  # seconds a request may wait for a live rank
 MAX_PENDING = 4096
@@ -69,6 +70,15 @@ class DispatcherService(Service):
         )
         self.policy: Policy = make_policy(args.load_balance_method, config=config)
         self.metrics = DispatcherMetrics(args.load_balance_method)
+        self.disaggregation = Disaggregation(
+            DisaggregationConfig(
+                min_prompt_tokens=args.disaggregation_min_prompt_tokens,
+                max_prefill_queue=args.disaggregation_max_prefill_queue,
+                cache_threshold=args.cache_threshold,
+                max_tree_size=args.max_tree_size,
+            ),
+            clock,
+        )
         self.migrations = Migrations(clock)
         self.dispatch_ids = itertools.count(1)
         self.pending: deque[tuple[float, TokenizedRequest]] = deque()  # (clock() when queued, request)
@@ -87,7 +97,11 @@ class DispatcherService(Service):
         await self.bus.serve(self.subjects.rank_register, RankHello, self.on_hello)
         await self.bus.serve(self.subjects.dispatcher_resume, Resume, self.on_resume)
         self.spawn(self.watch_ranks())
-        collect = self.metrics.collector(self.table.rows, lambda: len(self.pending))
+        rows = self.metrics.collector(self.table.rows, lambda: len(self.pending))
+
+        def collect() -> list[Sample]:
+            return rows() + self.disaggregation.samples()
+
         self.spawn(publish_snapshots(self.bus, self.subjects.metrics, "dispatcher", uuid.uuid4().hex, collect))
         self.log.info("method=%s dead_after=%.2fs", self.args.load_balance_method, self.dead_after)
 
@@ -97,6 +111,12 @@ class DispatcherService(Service):
 
     async def dispatch(self, req: TokenizedRequest) -> None:
         live = self.table.live_ranks()
+        prefill = [r for r in live if r.mode == "prefill"]  # they take tasks from decode ranks, not requests
+        if prefill:
+            live = [r for r in live if r.mode != "prefill"]
+        if req.routed_dp_rank is not None and req.routed_dp_rank in {r.dp_rank for r in prefill}:
+            await self.fail(req, f"routed_dp_rank {req.routed_dp_rank} is a prefill rank; route to a decode rank", 400)
+            return
         avoid = self.fenced.get(req.rid)
         if avoid and live:
             live = [r for r in live if (r.dp_rank, r.instance_id) not in avoid]
@@ -116,12 +136,16 @@ class DispatcherService(Service):
             return
         else:
             rank = self.policy.pick(req, live)
+        req.prefill_dp_rank = None
+        if prefill:
+            self.disaggregation.place(req, self.policy.cached_tokens(req, rank.dp_rank), prefill)
         self.table.add_in_flight(rank.dp_rank, req)
         self.metrics.on_dispatched(rank.dp_rank)
         self.policy.on_dispatched(req, rank.dp_rank)
         await self.bus.publish(self.subjects.sched_req(rank.dp_rank), req)
-        self.log.debug("dispatch rid=%s id=%d tokens=%d -> dp%d holding=%d in_flight=%d", req.rid, req.dispatch_id,
-                       len(req.input_ids), rank.dp_rank, rank.holding_tokens, rank.in_flight_tokens)
+        self.log.debug("dispatch rid=%s id=%d tokens=%d -> dp%d holding=%d in_flight=%d prefill=%s", req.rid,
+                       req.dispatch_id, len(req.input_ids), rank.dp_rank, rank.holding_tokens, rank.in_flight_tokens,
+                       "local" if req.prefill_dp_rank is None else f"dp{req.prefill_dp_rank}")
 
     async def on_report(self, report: LoadReport) -> None:
         problem = report_problem(report, self.args.dp_size)
@@ -135,6 +159,7 @@ class DispatcherService(Service):
             return
         outcome = self.table.on_report(report)
         if outcome.fresh:
+            self.disaggregation.on_report(report)
             await self.apply(report, outcome)
 
     def note_ignored(self, report: LoadReport) -> None:
@@ -152,6 +177,7 @@ class DispatcherService(Service):
                 dp_rank, report.instance_id, len(outcome.orphans), len(outcome.lost),
             )
             self.policy.on_rank_reset(dp_rank)
+            self.disaggregation.forget(dp_rank)
             await self.hand_back(dp_rank, outcome.orphans, outcome.lost, "restarted", abort=False)
         if outcome.strays:
             # It accepted requests that went elsewhere while it was dead: it must drop them.
@@ -208,6 +234,7 @@ class DispatcherService(Service):
 
     async def on_rank_dead(self, rank: RankState) -> None:
         self.registry.release(rank.dp_rank)
+        self.disaggregation.forget(rank.dp_rank)
         orphans, lost = rank.take_in_flight(), rank.take_accepted()
         self.log.warning(
             "rank dead dp_rank=%d redispatching=%d failing=%d", rank.dp_rank, len(orphans), len(lost)

@@ -46,10 +46,11 @@ class DispatcherClient:
         return self.clock() - self.last_report
 
     async def report(
-        self, dp_rank: int, engine: Engine, inbox: Inbox, accepted: list[int], finished: list[int]
+        self, dp_rank: int, engine: Engine, inbox: Inbox, accepted: list[int], finished: list[int],
+        mode: str = "null", bootstrap_addr: str = "", tasks_accepted: list[int] | None = None,
     ) -> None:
         """The load of the engine plus what waits in the inbox; the runs accepted and finished
-        since the last report."""
+        since the last report (a prefill rank: the tasks it took, and where decode ranks reach it)."""
         self.report_seq += 1
         self.last_report = self.clock()
         await self.bus.publish(
@@ -68,6 +69,9 @@ class DispatcherClient:
                 instance_id=self.instance_id,
                 finished=finished,
                 node_rank=self.node_rank,
+                mode=mode,
+                bootstrap_addr=bootstrap_addr,
+                tasks_accepted=tasks_accepted or [],
             ),
         )
 

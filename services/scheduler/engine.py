@@ -119,6 +119,11 @@ class Engine:
             self.runner = ModelRunner(model, pool, self.table, cfg.eos_token_ids)
         self.grammars = Grammars(tokenizer, cfg.vocab_size, cfg.eos_token_ids)
         self.finished_early: list[Req] = []  # ended outside a step (abort, rejected); reported next update
+        # prefill/decode disaggregation: a decode rank's requests whose prompt KV a prefill rank
+        # computes (slots reserved, not yet installed); a prefill rank's requests whose rows
+        # this update exported, for the service to ship
+        self.transferring: dict[str, Req] = {}
+        self.shipped: list[Req] = []
 
     # --- state the service reads ----------------------------------------------------------
 
@@ -128,11 +133,13 @@ class Engine:
 
     @property
     def waiting(self) -> list[Req]:
-        return self.prefill.waiting + ([self.prefill.chunked] if self.prefill.chunked else [])
+        """Requests not yet decoding: queued, mid-prefill, or waiting for a prefill rank's KV."""
+        chunked = [self.prefill.chunked] if self.prefill.chunked else []
+        return self.prefill.waiting + chunked + list(self.transferring.values())
 
     @property
     def has_work(self) -> bool:
-        return bool(self.prefill.waiting or self.prefill.chunked or self.decode.running)
+        return bool(self.prefill.waiting or self.prefill.chunked or self.decode.running or self.transferring)
 
     @property
     def holding_tokens(self) -> int:
@@ -144,7 +151,8 @@ class Engine:
         return self.cache.used_by_requests
 
     def _holders(self) -> list[Req]:
-        return self.decode.running + ([self.prefill.chunked] if self.prefill.chunked else [])
+        chunked = [self.prefill.chunked] if self.prefill.chunked else []
+        return self.decode.running + chunked + list(self.transferring.values())
 
     def assert_invariants(self) -> None:
         """free + cached + in use == total (any step boundary)."""
@@ -167,8 +175,8 @@ class Engine:
         """Tokens of KV one request may hold at most: the KV pool and the context both bound it."""
         return min(self.pool.size, self.cfg.context_length)
 
-    def add(self, req: Req) -> None:
-        """Admits `req` to the waiting queue, or ends it (reported by the next update).
+    def accept(self, req: Req) -> bool:
+        """Whether `req` may run here; if not, it is ended (reported by the next update).
 
         max_new_tokens is clamped here, quietly, to the room this rank can ever give the request:
             max_new_tokens = min(max_new_tokens, context_length - prompt_len, pool_size - prompt_len)
@@ -208,6 +216,12 @@ class Engine:
             req.finish = FinishReason(type="length", length=len(req.output_ids))
             self.finished_early.append(req)
         else:
+            return True
+        return False
+
+    def add(self, req: Req) -> None:
+        """Admits `req` to the waiting queue, or ends it (`accept`)."""
+        if self.accept(req):
             self.prefill.add(req)
 
     def _attach_grammar(self, req: Req) -> str | None:
@@ -222,9 +236,74 @@ class Engine:
             return f"resume_output_ids do not match the request's {kind}"
         return None
 
+    # --- prefill/decode disaggregation ----------------------------------------------------------
+
+    def add_remote(self, req: Req) -> int | None:
+        """Decode rank: admits `req` for a prefill rank to prefill. It gets its table row, the prefix
+        this rank has cached, and slots for the rest of its prompt, where the prefill rank's rows
+        go (`install_remote`). Returns the first prompt position to receive; None when the request
+        ended (`accept`) or will be prefilled here instead: no room now, or nothing to gain (a
+        migrated request, prompt scoring)."""
+        if not self.accept(req):
+            return None
+        n = len(req.input_ids)
+        busy = len(self.decode.running) + len(self.transferring) + (1 if self.prefill.chunked else 0)
+        if req.output_ids or req.scores_prompt or busy + len(self.prefill.waiting) >= self.cfg.max_running_requests:
+            self.prefill.add(req)
+            return None
+        self.cache.admit(req, n - 1)
+        skip = req.cached_len
+        if n - skip > self.cache.available - self.decode.reserve():
+            self.cache.release(req, keep=False)
+            req.cached_len = 0
+            self.prefill.add(req)
+            return None
+        slots = self.cache.alloc(n - skip)
+        assert slots is not None
+        self.cache.assign(req, slots)
+        req.cached_len = n  # the slots are the request's; their rows arrive before it runs
+        self.transferring[req.rid] = req
+        return skip
+
+    def install_remote(self, req: Req, rows: torch.Tensor, skip: int, first: TokenOutput,
+                       rng_state: bytes = b"", prefill_cached: int = 0) -> list[TokenOutput]:
+        """Decode rank: the prefill rank's rows of prompt positions [skip, len) go into the slots
+        reserved for them, the prompt into the radix cache, and the first token it sampled (with
+        its logprobs and the generator state after it) becomes the request's, as if this rank had
+        prefilled it. Returns the request's output if it streams or ended."""
+        del self.transferring[req.rid]
+        self.pool.import_rows(self.table.slots[req.row, skip : len(req.input_ids)], rows)
+        self.cache.cache_prefix(req)
+        if rng_state and req.generator is not None:
+            req.generator.set_state(torch.frombuffer(bytearray(rng_state), dtype=torch.uint8))
+        req.cached_tokens = max(req.cached_tokens, prefill_cached)
+        if req.return_logprob:
+            req.input_logprobs = list(first.input_token_logprobs or [])
+            req.input_top = list(first.input_top_logprobs or [])
+        lp = first.output_token_logprobs[0] if first.output_token_logprobs else None
+        top = first.output_top_logprobs[0] if first.output_top_logprobs else []
+        assert first.all_ids, "a prefill rank's output carries its first token"
+        outputs: list[TokenOutput] = []
+        self._take_token(req, first.all_ids[0], lp, top, outputs)
+        return outputs
+
+    def prefill_locally(self, req: Req) -> None:
+        """Decode rank: the rows will not come. The reserved slots are freed and the request waits
+        to be prefilled here, like any other."""
+        del self.transferring[req.rid]
+        self.cache.release(req, keep=False)
+        req.cached_len = 0
+        self.prefill.put_back(req)
+
+    def take_shipped(self) -> list[Req]:
+        """Prefill rank: the requests whose rows the last update exported."""
+        out, self.shipped = self.shipped, []
+        return out
+
     def abort(self, rid: str) -> Req | None:
-        """Removes `rid` wherever it is (waiting, mid-prefill, running); its own KV is freed."""
-        req = self.prefill.remove(rid)
+        """Removes `rid` wherever it is (waiting, mid-prefill, running, waiting for its KV); its own
+        KV is freed."""
+        req = self.transferring.pop(rid, None) or self.prefill.remove(rid)
         if req is None:
             req = next((r for r in self.decode.running if r.rid == rid), None)
             if req is None:
@@ -260,7 +339,8 @@ class Engine:
                 len(retracted), len(self.decode.running), self.cache.available, self.decode.num_retracted,
             )
         reqs = self.decode.schedule()
-        reqs += self.prefill.schedule(len(reqs), self.decode.reserve(), self.decode.new_token_ratio)
+        busy = len(reqs) + len(self.transferring)  # a transferring request holds a table row too
+        reqs += self.prefill.schedule(busy, self.decode.reserve(), self.decode.new_token_ratio)
         if not reqs:
             return None
         return self.runner.plan(reqs)
@@ -297,25 +377,36 @@ class Engine:
             if not emits:
                 continue  # mid-prompt chunk: stays PrefillManager.chunked
             token, lp, top = next(tokens)
-            if req.scores_prompt:  # the prompt's logprobs were the point: nothing is generated
-                req.finish = FinishReason(type="length", length=0)
-            else:
-                req.output_ids.append(token)
-                if req.grammar is not None and not req.grammar.accept_token(token):
-                    log.error("rid=%s sampled token %d outside its grammar", req.rid, token)  # the mask forbids it
-                if lp is not None:
-                    req.output_logprobs.append(lp)
-                    req.output_top.append(top)
-                req.finish = self._check_finish(req, token)
-            if req.finished:
-                if req in self.decode.running:
-                    self.decode.running.remove(req)
-                self.cache.release(req, keep=True)
-            elif req not in self.decode.running:
-                self.decode.running.append(req)
-            if req.stream or req.finished:
-                outputs.append(req.take_output())
+            self._take_token(req, token, lp, top, outputs)
         return outputs
+
+    def _take_token(
+        self, req: Req, token: int, lp: tuple[float, int] | None, top: list[tuple[float, int]], outputs: list[TokenOutput]
+    ) -> None:
+        """The token `req` sampled: it joins the output (or ends the request), and the request runs
+        on or releases its KV; its output goes to `outputs` if it streams or ended."""
+        if req.scores_prompt:  # the prompt's logprobs were the point: nothing is generated
+            req.finish = FinishReason(type="length", length=0)
+        else:
+            req.output_ids.append(token)
+            if req.grammar is not None and not req.grammar.accept_token(token):
+                log.error("rid=%s sampled token %d outside its grammar", req.rid, token)  # the mask forbids it
+            if lp is not None:
+                req.output_logprobs.append(lp)
+                req.output_top.append(top)
+            req.finish = self._check_finish(req, token)
+        if req.ships_kv_from >= 0:  # a prefill rank's task ends at its first token
+            req.kv_rows = self.pool.export_rows(self.table.slots[req.row, req.ships_kv_from : len(req.input_ids)])
+            self.shipped.append(req)
+            req.finish = req.finish or FinishReason(type="length", length=len(req.output_ids))
+        if req.finished:
+            if req in self.decode.running:
+                self.decode.running.remove(req)
+            self.cache.release(req, keep=True)
+        elif req not in self.decode.running:
+            self.decode.running.append(req)
+        if req.stream or req.finished:
+            outputs.append(req.take_output())
 
     def fail(self, plan: StepPlan, message: str) -> list[TokenOutput]:
         """Ends every request of a step whose forward failed; frees their KV (never cached)."""

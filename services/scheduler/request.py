@@ -54,6 +54,9 @@ class Req:
     input_top: list[list[tuple[float, int]]] = field(default_factory=list)
     output_logprobs: list[tuple[float, int]] = field(default_factory=list)
     output_top: list[list[tuple[float, int]]] = field(default_factory=list)
+    # prefill/decode disaggregation
+    ships_kv_from: int = -1  # prefill rank: >= 0 ships the prompt's rows from here on, then ends
+    kv_rows: torch.Tensor | None = None  # prefill rank: those rows, exported once prefilled
 
     @classmethod
     def from_msg(cls, msg: TokenizedRequest) -> Req:

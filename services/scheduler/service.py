@@ -26,6 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from services.scheduler.disagg.decode_side import DecodeSide
+from services.scheduler.disagg.metrics import DisaggMetrics
+from services.scheduler.disagg.prefill_side import PrefillSide
+from services.scheduler.disagg.transfer import GlooTransferEngine, TransferEngine
 from services.scheduler.dispatcher_client import MIN_REPORT_GAP, DispatcherClient
 from services.scheduler.dist_sync import WorldBroken
 from services.scheduler.engine import Engine
@@ -36,7 +40,18 @@ from services.scheduler.setup import build_rank, dp_rank_of, layout_of
 from services.scheduler.step_protocol import StepProtocol
 from shared.actor import Service
 from shared.config import ServerArgs
-from shared.messages import Abort, ControlMessage, FlushCache, TokenBatch, TokenizedRequest, TokenOutput
+from shared.messages import (
+    Abort,
+    ControlMessage,
+    FlushCache,
+    LoadReport,
+    PrefillDone,
+    PrefillTask,
+    TokenBatch,
+    TokenizedRequest,
+    TokenOutput,
+)
+from shared.metrics import publish_snapshots
 
 BUS_CLOSE_S = 2.0  # a distributed rank's exit waits at most this long to flush the bus
 EXIT_WORLD_BROKEN = 3  # exit status of a rank whose torch.distributed world broke (the launcher restarts it)
@@ -56,6 +71,10 @@ class SchedulerService(Service):
         self.inbox = Inbox()
         self.ledger = RunLedger()
         self.exit_code = 0
+        self.mode = args.disaggregation_mode
+        self.prefill_side: PrefillSide | None = None  # --disaggregation-mode prefill (the leader)
+        self.decode_side: DecodeSide | None = None  # --disaggregation-mode decode (the leader)
+        self.transfer: TransferEngine | None = None
         # built in start(): they need the bus, or the rank built on the forward thread
         self.dispatcher: DispatcherClient
         self.engine: Engine
@@ -82,6 +101,8 @@ class SchedulerService(Service):
         if self.is_leader:
             await self.bus.subscribe(self.subjects.sched_req(self.dp_rank), TokenizedRequest, self.on_request)
             await self.bus.subscribe(self.subjects.sched_control, ControlMessage, self.on_control)  # type: ignore[arg-type]
+            if self.mode != "null":
+                await self.start_disaggregation()
             self.spawn(self.heartbeat())
         self.spawn(self.loop())
         self.log.info(
@@ -91,6 +112,31 @@ class SchedulerService(Service):
             self.layout.dp_groups > 1, self.instance_id, self.engine.pool.size, args.max_running_requests,
             self.engine.cfg.chunked_prefill_size,
         )
+
+    async def start_disaggregation(self) -> None:
+        """The leader's side of prefill/decode disaggregation: its transfer engine, its handlers
+        and its metrics."""
+        args = self.args
+        metrics = DisaggMetrics(self.dp_rank, self.mode)
+        host = args.node_addr or "127.0.0.1"
+        self.transfer = GlooTransferEngine(self.mode, host, args.disaggregation_transfer_timeout)
+        if self.mode == "prefill":
+            self.prefill_side = PrefillSide(self.bus, self.subjects, self.transfer, self.instance_id, metrics,
+                                            self.spawn, self.log)
+            await self.bus.subscribe(self.subjects.sched_prefill(self.dp_rank), PrefillTask, self.on_task)
+        else:
+            loop = asyncio.get_running_loop()
+            dead_after = max(args.dead_rank_timeout, 3 * args.heartbeat_interval)
+            self.decode_side = DecodeSide(
+                self.bus, self.subjects, self.transfer, self.engine, self.dp_rank, self.instance_id,
+                args.disaggregation_transfer_timeout, dead_after, args.disaggregation_min_prompt_tokens, metrics,
+                lambda: loop.call_soon_threadsafe(self.inbox.wake.set), self.log,
+            )
+            await self.bus.subscribe(self.subjects.sched_kv(self.dp_rank), PrefillDone, self.decode_side.on_done)
+            await self.bus.subscribe(self.subjects.load_all, LoadReport, self.decode_side.on_load)
+        self.spawn(publish_snapshots(self.bus, self.subjects.metrics, "scheduler", self.instance_id, metrics.samples))
+        self.log.info("disaggregation mode=%s transfer=%s bootstrap=%s", self.mode,
+                      args.disaggregation_transfer_backend, self.transfer.bootstrap_addr or "-")
 
     # --- the inbox ---------------------------------------------------------------------------------
 
@@ -126,6 +172,13 @@ class SchedulerService(Service):
         if problem is not None:
             return problem, 400
         return None
+
+    async def on_task(self, task: PrefillTask) -> None:
+        """A prefill rank's task from a decode rank (no dispatcher run: the decode rank owns it)."""
+        assert self.prefill_side is not None
+        msg = self.prefill_side.take_task(task)
+        if msg is not None:
+            self.inbox.add(msg)
 
     async def on_control(self, msg: Abort | FlushCache) -> None:
         if isinstance(msg, Abort):
@@ -187,15 +240,24 @@ class SchedulerService(Service):
         constraints = [r.sampling.grammar for r in reqs if r.sampling.grammar is not None]
         if constraints:  # compiled off the event loop; engine.add then finds them cached
             await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.grammars.prepare, constraints)
-        for req in reqs:
+        if self.prefill_side is not None:
+            self.prefill_side.mark(reqs)
+        for req, msg in zip(reqs, inputs.reqs, strict=True):
+            if self.decode_side is not None and msg.prefill_dp_rank is not None:
+                await self.decode_side.add(req, msg)
+                continue
+            if self.decode_side is not None:
+                self.decode_side.metrics.prefills["local"] += 1
             self.engine.add(req)
+        installed = self.decode_side.poll() if self.decode_side is not None else []
+        await self.emit(installed)  # the first tokens of requests a prefill rank prefilled
         for rid in inputs.aborts:
             if self.engine.abort(rid) is not None:
                 self.log.info("abort rid=%s", rid)
         if inputs.flush and not self.engine.has_work:
             self.inbox.flushed()
             self.log.info("flush_cache freed=%d", self.engine.flush_cache())
-        return bool(reqs or inputs.aborts)
+        return bool(reqs or inputs.aborts or installed)
 
     async def _idle(self, changed: bool) -> None:
         """No group has work: report what ended outside a step, then (leader) wait for input."""
@@ -206,9 +268,14 @@ class SchedulerService(Service):
         if not self.engine.has_work:
             self.engine.assert_idle_invariants()
         if self.is_leader:  # a follower waits in its next share_inputs
-            await self.inbox.wait(self.world.idle_wait_s(self.args.dist_timeout))
+            wait = self.world.idle_wait_s(self.args.dist_timeout)
+            if self.decode_side is not None and self.decode_side.waiting_s is not None:
+                wait = min(wait or self.decode_side.waiting_s, self.decode_side.waiting_s)
+            await self.inbox.wait(wait)
 
     async def emit(self, outputs: list[TokenOutput]) -> None:
+        if self.prefill_side is not None:  # its tasks' outputs go back to their decode ranks
+            outputs = self.prefill_side.intercept(outputs, self.engine.take_shipped())
         if not outputs or not self.is_leader:
             return
         outputs = self.ledger.publishable(outputs)
@@ -226,7 +293,10 @@ class SchedulerService(Service):
 
     async def report(self) -> None:
         if self.is_leader:
-            await self.dispatcher.report(self.dp_rank, self.engine, self.inbox, *self.ledger.take_report())
+            tasks = self.prefill_side.take_report() if self.prefill_side is not None else None
+            bootstrap = self.transfer.bootstrap_addr if self.transfer is not None else ""
+            await self.dispatcher.report(self.dp_rank, self.engine, self.inbox, *self.ledger.take_report(),
+                                         mode=self.mode, bootstrap_addr=bootstrap, tasks_accepted=tasks)
 
     async def stop(self) -> None:
         if not self.layout.distributed:

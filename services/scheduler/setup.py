@@ -34,14 +34,15 @@ def layout_of(args: ServerArgs) -> ParallelLayout:
 
 
 def dp_rank_of(args: ServerArgs, layout: ParallelLayout) -> int:
-    """This rank's dp_rank: its DP attention group, or --dp-rank; -1: the rank registry assigns one."""
+    """This rank's dp_rank: --dp-rank-base plus its DP attention group or --dp-rank (a side of a
+    disaggregated deployment numbers its groups from 0); -1: the rank registry assigns one."""
     if layout.dp_groups > 1:
         if args.dp_rank not in (-1, layout.group_index):
             raise ValueError(f"--dp-rank {args.dp_rank} != tp_rank // attn_tp_size ({layout.group_index})")
-        return layout.group_index
+        return args.dp_rank_base + layout.group_index
     if layout.distributed and args.dp_rank < 0:
         raise ValueError("a tensor-parallel rank needs an explicit --dp-rank (the launcher passes it)")
-    return args.dp_rank
+    return args.dp_rank_base + args.dp_rank if args.dp_rank >= 0 else -1
 
 
 def pool_size(

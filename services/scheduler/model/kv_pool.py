@@ -74,6 +74,34 @@ class KVPool:
         self._free[self._num_free : self._num_free + n] = slots.flip(0)
         self._num_free += n
 
+    # --- a request's rows, for prefill/decode disaggregation -----------------------------------
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every per-slot cache tensor of the model, [size, ...] each."""
+        return self.k + self.v
+
+    def row_bytes(self) -> int:
+        """Bytes of one slot's rows across every buffer (what a transfer ships per token)."""
+        return sum(b[0].numel() * b.element_size() for b in self.buffers())
+
+    def export_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of `slots`' rows of every buffer: [num_buffers, len(slots), ...], contiguous."""
+        buffers = self.buffers()
+        if not buffers:
+            return torch.empty(0, dtype=self.dtype)
+        return torch.stack([b[slots] for b in buffers])
+
+    def import_rows(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Writes rows exported by a pool of the same model (as bytes or as export_rows gave them)
+        into `slots`."""
+        buffers = self.buffers()
+        if not buffers:
+            return
+        shape = (len(buffers), slots.numel(), *buffers[0].shape[1:])
+        rows = data.view(-1).view(self.dtype).view(shape)
+        for buffer, part in zip(buffers, rows, strict=True):
+            buffer[slots] = part.to(buffer.device)
+
     def assert_invariants(self) -> None:
         """Assert the allocator's invariant (for tests and debugging; O(size))."""
         free = self._free[: self._num_free]

@@ -32,6 +32,9 @@ class MLAKVPool(KVPool):
             torch.zeros((size, 1, kv_cache_dim), dtype=dtype, device=self.device) for _ in range(num_layers)
         ]
 
+    def buffers(self) -> list[torch.Tensor]:
+        return self.kv
+
     @property
     def bytes_per_token(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.kv)

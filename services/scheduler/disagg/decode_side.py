@@ -1,0 +1,167 @@
+"""A decode rank's part: for a request the dispatcher gave a prefill rank, reserve its KV here
+(after this rank's own prefix match), post the receive, send the PrefillTask; once the rows and
+the PrefillDone are both in, install them and decode on.
+
+Whatever goes wrong (the prefill rank is unknown, restarted or dead, the pair broke, the task was
+refused, `--disaggregation-transfer-timeout` passed) the reserved slots are freed and the request
+is prefilled here instead, so nothing hangs and nothing leaks. A failed pair is never reused: the
+next task to that prefill rank names a new one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.scheduler.disagg.metrics import DisaggMetrics
+from services.scheduler.disagg.transfer import KVPoll, KVReceiver, Peer, TransferEngine
+from services.scheduler.engine import Engine
+from services.scheduler.request import Req
+from shared.bus import Bus
+from shared.messages import LoadReport, PrefillDone, PrefillTask, TokenizedRequest, TokenOutput
+from shared.subjects import Subjects
+
+TAGS = 1 << 31  # gloo tags are 32-bit
+
+
+@dataclass
+class Pending:
+    req: Req
+    prefill_dp_rank: int
+    prefill_instance: str
+    skip: int
+    tag: int
+    rx: KVReceiver
+    started: float
+    done: PrefillDone | None = None
+
+
+@dataclass
+class PrefillRank:
+    report: LoadReport
+    seen: float  # time.monotonic() of its last report
+
+
+class DecodeSide:
+    def __init__(self, bus: Bus, subjects: Subjects, transfer: TransferEngine, engine: Engine, dp_rank: int,
+                 instance_id: str, timeout_s: float, dead_after_s: float, min_prompt_tokens: int, metrics: DisaggMetrics,
+                 wake: Callable[[], None], log: logging.Logger) -> None:
+        self.bus = bus
+        self.subjects = subjects
+        self.transfer = transfer
+        self.engine = engine
+        self.dp_rank = dp_rank
+        self.instance_id = instance_id
+        self.timeout_s = timeout_s
+        self.dead_after_s = dead_after_s
+        self.min_prompt_tokens = min_prompt_tokens  # fewer uncached tokens than this: prefill here
+        self.metrics = metrics
+        self.wake = wake  # thread-safe: the step loop runs again (an idle leader waits for input)
+        self.log = log
+        self.prefill_ranks: dict[int, PrefillRank] = {}
+        self.pending: dict[str, Pending] = {}
+        self.tags = itertools.count(1)
+        self.generations: dict[str, int] = {}  # prefill instance -> its current pair's generation
+
+    # --- bus handlers ----------------------------------------------------------------------------
+
+    async def on_load(self, report: LoadReport) -> None:
+        if report.mode == "prefill" and report.bootstrap_addr:
+            self.prefill_ranks[report.dp_rank] = PrefillRank(report, time.monotonic())
+
+    async def on_done(self, msg: PrefillDone) -> None:
+        pending = self.pending.get(msg.rid)
+        if pending is None or pending.tag != msg.tag:
+            return  # a task this rank gave up on
+        pending.done = msg
+        self.wake()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def _live(self, dp_rank: int) -> PrefillRank | None:
+        rank = self.prefill_ranks.get(dp_rank)
+        if rank is None or time.monotonic() - rank.seen > self.dead_after_s:
+            return None
+        return rank
+
+    async def add(self, req: Req, msg: TokenizedRequest) -> None:
+        """A request with a prefill rank: reserved here and sent there, else prefilled here."""
+        assert msg.prefill_dp_rank is not None
+        rank = self._live(msg.prefill_dp_rank)
+        if rank is None:
+            self._count_failure("unknown_prefill_rank", req, f"prefill rank {msg.prefill_dp_rank} is not live")
+            self.engine.add(req)
+            return
+        skip = self.engine.add_remote(req)
+        if skip is None:  # ended, or prefilled here (no room for its KV now)
+            if not req.finished:
+                self.metrics.prefills["local"] += 1
+            return
+        if len(req.input_ids) - skip < self.min_prompt_tokens:  # this rank had it cached after all
+            self.engine.prefill_locally(req)
+            self.metrics.prefills["local"] += 1
+            return
+        prefill_instance = rank.report.instance_id
+        generation = self.generations.setdefault(prefill_instance, 0)
+        key = f"{self.instance_id}-{prefill_instance}-{generation}"
+        nbytes = (len(req.input_ids) - skip) * self.engine.pool.row_bytes()
+        tag = next(self.tags) % TAGS
+        rx = self.transfer.receiver(Peer(rank.report.bootstrap_addr, key), tag, nbytes)
+        rx.result.add_done_callback(lambda _: self.wake())
+        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, rx, time.monotonic())
+        task = PrefillTask(req=msg, decode_dp_rank=self.dp_rank, pair_key=key, tag=tag, skip=skip, nbytes=nbytes,
+                           prefill_instance=prefill_instance)
+        await self.bus.publish(self.subjects.sched_prefill(msg.prefill_dp_rank), task)
+
+    def poll(self) -> list[TokenOutput]:
+        """Installs the transfers that completed and prefills locally the ones that failed; the
+        outputs of the installed requests (their first token)."""
+        outputs: list[TokenOutput] = []
+        now = time.monotonic()
+        for rid, p in list(self.pending.items()):
+            if rid not in self.engine.transferring:  # aborted meanwhile: its slots are free already
+                del self.pending[rid]
+                continue
+            failure = self._failure(p, now)
+            if failure is not None:
+                reason, message = failure
+                del self.pending[rid]
+                self.generations[p.prefill_instance] = self.generations.get(p.prefill_instance, 0) + (reason != "refused")
+                self.engine.prefill_locally(p.req)
+                self._count_failure(reason, p.req, message)
+            elif p.rx.poll() == KVPoll.SUCCESS and p.done is not None:
+                del self.pending[rid]
+                assert p.done.output is not None
+                outputs += self.engine.install_remote(p.req, p.rx.buffer, p.skip, p.done.output, p.done.rng_state,
+                                                      p.done.cached_tokens)
+                self.metrics.prefills["remote"] += 1
+                self.metrics.bytes += p.rx.nbytes
+                self.metrics.tokens += len(p.req.input_ids) - p.skip
+                self.metrics.seconds.observe(now - p.started)
+        return outputs
+
+    def _failure(self, p: Pending, now: float) -> tuple[str, str] | None:
+        """(reason, message) when the transfer will not complete, else None."""
+        if p.rx.poll() == KVPoll.FAILED:
+            return "transfer", p.rx.error
+        if p.done is not None and not p.done.ok:
+            return "refused", f"prefill rank {p.prefill_dp_rank}: {p.done.message}"
+        if now - p.started > self.timeout_s:
+            return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
+        rank = self._live(p.prefill_dp_rank)
+        if rank is None or rank.report.instance_id != p.prefill_instance:
+            return "prefill_rank_lost", f"prefill rank {p.prefill_dp_rank} stopped reporting or restarted"
+        return None
+
+    def _count_failure(self, reason: str, req: Req, message: str) -> None:
+        self.metrics.failures[reason] += 1
+        self.metrics.prefills["local"] += 1
+        self.log.warning("rid=%s prefilled locally: %s", req.rid, message)
+
+    @property
+    def waiting_s(self) -> float | None:
+        """How long an idle leader may wait before it must poll again (None: no transfer pending)."""
+        return 0.05 if self.pending else None

@@ -1,0 +1,260 @@
+"""Moving one request's KV rows from a prefill rank to a decode rank, behind a small interface.
+
+Each side holds one `TransferEngine`. The decode rank opens a `KVReceiver` per request (a buffer
+of the size it expects, posted at once so a dead prefill rank fails it), the prefill rank a
+`KVSender` when the request's task arrives and hands it the rows once prefilled. Both are polled
+with SGLang's states:
+
+    BOOTSTRAPPING -> WAITING_FOR_INPUT (sender: rows not given yet) -> TRANSFERRING -> SUCCESS
+                                                                     any of them -> FAILED
+
+`GlooTransferEngine` is torch.distributed's gloo point-to-point over TCP (as vLLM's P2P connector
+uses NCCL on GPUs): one two-process group per (decode instance, prefill instance, generation),
+met at a TCPStore the prefill rank hosts (its bootstrap address, advertised in its load reports);
+the request's tag tells its rows apart on the pair. A peer that dies fails every transfer on the
+pair at once (gloo sees the connection close). NATS never carries KV: its payload limit (1 MB by
+default) and at-most-once delivery are wrong for bulk data.
+
+`FakeTransferEngine` moves rows inside one process, for unit tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import logging
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("scheduler.transfer")
+
+MAX_WAITS = 64  # transfers one rank may have in flight at once (a thread each waits on gloo)
+CONNECT_TIMEOUT_S = 10.0  # a decode rank reaching a prefill rank's store
+
+
+class KVPoll(enum.IntEnum):
+    FAILED = 0
+    BOOTSTRAPPING = 1
+    WAITING_FOR_INPUT = 2
+    TRANSFERRING = 3
+    SUCCESS = 4
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The other side of a pair: the prefill rank's bootstrap address and the pair's key (the decode
+    rank names it: both instances and a generation, new after a pair broke)."""
+
+    addr: str
+    key: str
+
+
+class Transfer:
+    """One request's rows on one side; `poll` never blocks."""
+
+    def __init__(self) -> None:
+        self.state = KVPoll.BOOTSTRAPPING
+        self.error = ""
+        self.nbytes = 0
+        self._lock = threading.Lock()
+        self.result: Future[KVPoll] = Future()  # SUCCESS or FAILED, set from a transfer thread
+
+    def poll(self) -> KVPoll:
+        return self.state
+
+    @property
+    def done(self) -> bool:
+        return self.state in (KVPoll.SUCCESS, KVPoll.FAILED)
+
+    def _set(self, state: KVPoll, error: str = "") -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.state, self.error = state, error
+        if self.done:
+            self.result.set_result(state)
+
+    def fail(self, error: str) -> None:
+        self._set(KVPoll.FAILED, error)
+
+
+class KVReceiver(Transfer):
+    """Decode side: `buffer` (nbytes of uint8) holds the rows once poll() is SUCCESS."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes = nbytes
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+
+
+class KVSender(Transfer):
+    """Prefill side: `send` the request's rows once they are computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: Future[torch.Tensor] = Future()
+
+    def send(self, rows: torch.Tensor) -> None:
+        """Ships `rows` (any dtype; sent as their bytes). The tensor must not change until done."""
+        rows = rows.contiguous().view(-1).view(torch.uint8)
+        self.nbytes = rows.numel()
+        self._rows.set_result(rows)
+
+
+class TransferEngine(ABC):
+    bootstrap_addr = ""  # prefill side: where decode ranks meet it
+
+    @abstractmethod
+    def receiver(self, peer: Peer, tag: int, nbytes: int) -> KVReceiver:
+        """Decode side: expects `nbytes` under `tag` from the pair `peer`."""
+
+    @abstractmethod
+    def sender(self, peer: Peer, tag: int) -> KVSender:
+        """Prefill side: will send under `tag` to the pair `peer`."""
+
+    def close(self) -> None:
+        return None
+
+
+class GlooTransferEngine(TransferEngine):
+    PREFILL, DECODE = 0, 1  # ranks within a pair
+
+    def __init__(self, role: str, host: str = "127.0.0.1", timeout_s: float = 60.0) -> None:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"a transfer engine serves a prefill or a decode rank, not {role!r}")
+        self.role = role
+        self.host = host
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.pool = ThreadPoolExecutor(max_workers=MAX_WAITS, thread_name_prefix="kv-transfer")
+        self._pairs: dict[str, Future[dist.ProcessGroupGloo]] = {}
+        self._stores: dict[str, dist.TCPStore] = {}
+        self._lock = threading.Lock()
+        self._store: dist.TCPStore | None = None
+        if role == "prefill":
+            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
+            self.bootstrap_addr = f"{host}:{self._store.port}"
+
+    # --- pairs ---------------------------------------------------------------------------------
+
+    def _pair(self, peer: Peer) -> Future[dist.ProcessGroupGloo]:
+        with self._lock:
+            pair = self._pairs.get(peer.key)
+            if pair is None:
+                pair = self._pairs[peer.key] = self.pool.submit(self._connect, peer)
+            return pair
+
+    def _connect(self, peer: Peer) -> dist.ProcessGroupGloo:
+        """Blocks until the other side joins the pair too (a transfer thread)."""
+        if self.role == "prefill":
+            assert self._store is not None
+            store = self._store
+            rank = self.PREFILL
+        else:
+            store = self._decode_store(peer.addr)
+            rank = self.DECODE
+        pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer.key}", store), rank, 2, self.timeout)
+        log.info("kv pair %s connected (%s side, bootstrap %s)", peer.key, self.role, peer.addr)
+        return pg
+
+    def _decode_store(self, addr: str) -> dist.TCPStore:
+        with self._lock:
+            store = self._stores.get(addr)
+        if store is None:
+            host, _, port = addr.rpartition(":")
+            connect = min(CONNECT_TIMEOUT_S, self.timeout.total_seconds())
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=connect))
+            with self._lock:
+                self._stores[addr] = store
+        return store
+
+    def drop(self, key: str) -> None:
+        """Forgets a pair that failed (its transfers are failing; a new one gets a new key)."""
+        with self._lock:
+            self._pairs.pop(key, None)
+
+    # --- transfers -----------------------------------------------------------------------------
+
+    def receiver(self, peer: Peer, tag: int, nbytes: int) -> KVReceiver:
+        rx = KVReceiver(nbytes)
+        self.pool.submit(self._receive, self._pair(peer), peer, tag, rx)
+        return rx
+
+    def sender(self, peer: Peer, tag: int) -> KVSender:
+        tx = KVSender()
+        self.pool.submit(self._send, self._pair(peer), peer, tag, tx)
+        return tx
+
+    def _receive(self, pair: Future[dist.ProcessGroupGloo], peer: Peer, tag: int, rx: KVReceiver) -> None:
+        try:
+            pg = pair.result()
+            rx._set(KVPoll.TRANSFERRING)
+            if rx.nbytes:
+                pg.recv([rx.buffer], self.PREFILL, tag).wait()
+        except Exception as e:  # noqa: BLE001 - any failure of the pair fails the transfer
+            self.drop(peer.key)
+            rx.fail(f"receiving from {peer.addr} failed: {e}")
+            return
+        rx._set(KVPoll.SUCCESS)
+
+    def _send(self, pair: Future[dist.ProcessGroupGloo], peer: Peer, tag: int, tx: KVSender) -> None:
+        try:
+            pg = pair.result()
+            tx._set(KVPoll.WAITING_FOR_INPUT)
+            rows = tx._rows.result()
+            tx._set(KVPoll.TRANSFERRING)
+            if rows.numel():
+                pg.send([rows], self.DECODE, tag).wait()
+        except Exception as e:  # noqa: BLE001
+            self.drop(peer.key)
+            tx.fail(f"sending to pair {peer.key} failed: {e}")
+            return
+        tx._set(KVPoll.SUCCESS)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class FakeTransferEngine(TransferEngine):
+    """In-process pairs for unit tests: a sender's rows land in the receiver with the same key and
+    tag. `fail_next` fails the next transfer on both sides."""
+
+    _receivers: dict[tuple[str, int], KVReceiver] = {}
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.bootstrap_addr = "fake:0" if role == "prefill" else ""
+        self.fail_next = ""
+
+    def receiver(self, peer: Peer, tag: int, nbytes: int) -> KVReceiver:
+        rx = KVReceiver(nbytes)
+        rx._set(KVPoll.TRANSFERRING)
+        FakeTransferEngine._receivers[(peer.key, tag)] = rx
+        return rx
+
+    def sender(self, peer: Peer, tag: int) -> KVSender:
+        engine = self
+
+        class _Sender(KVSender):
+            def send(self, rows: torch.Tensor) -> None:
+                super().send(rows)
+                data = self._rows.result()
+                rx = FakeTransferEngine._receivers.pop((peer.key, tag), None)
+                if engine.fail_next or rx is None or rx.nbytes != data.numel():
+                    why = engine.fail_next or ("no receiver" if rx is None else f"{data.numel()} != {rx.nbytes} bytes")
+                    engine.fail_next = ""
+                    self.fail(why)
+                    if rx is not None:
+                        rx.fail(why)
+                    return
+                rx.buffer.copy_(data)
+                rx._set(KVPoll.SUCCESS)
+                self._set(KVPoll.SUCCESS)
+
+        tx = _Sender()
+        tx._set(KVPoll.WAITING_FOR_INPUT)
+        return tx

@@ -1,0 +1,255 @@
+"""Prefill/decode disaggregation inside the engines: a prefill engine prefills and exports the
+prompt's rows, a decode engine reserves its slots, installs them and decodes on. Outputs must be
+those of one colocated engine; the accounting must hold through installs, fallbacks and aborts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.dispatcher.disaggregation import Disaggregation, DisaggregationConfig
+from services.dispatcher.loads import RankState
+from services.scheduler.disagg.transfer import FakeTransferEngine, GlooTransferEngine, KVPoll, Peer
+from services.scheduler.engine import Engine
+from services.scheduler.request import Req
+from shared.messages import LoadReport, TokenizedRequest, TokenOutput
+from tests.unit.test_engine import Rig, make_req, run, workload
+
+
+@pytest.fixture(scope="module")
+def rig(tiny_model: Path) -> Iterator[Rig]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Rig(tiny_model)
+    torch.set_num_threads(threads)
+
+
+def prefill_remotely(prefill: Engine, decode: Engine, reqs: list[Req], clone: Any) -> tuple[list[TokenOutput], dict[str, int]]:
+    """Every request the decode engine reserves goes through `prefill` (a copy of it there, ending
+    at its first token); returns the decode engine's outputs of the installs and each skip."""
+    skips: dict[str, int] = {}
+    for req in reqs:
+        skip = decode.add_remote(req)
+        if skip is not None:
+            skips[req.rid] = skip
+            task = clone(req)
+            task.ships_kv_from = skip
+            prefill.add(task)
+    firsts: dict[str, TokenOutput] = {}
+    shipped: dict[str, Req] = {}
+    while prefill.has_work:
+        for out in prefill.step().outputs:
+            firsts[out.rid] = out
+        shipped |= {r.rid: r for r in prefill.take_shipped()}
+        prefill.assert_invariants()
+    prefill.assert_idle_invariants()
+    outputs = []
+    for rid, skip in skips.items():
+        src = shipped[rid]
+        assert src.kv_rows is not None and src.kv_rows.shape[1] == len(src.input_ids) - skip
+        rng = src.generator.get_state().numpy().tobytes() if src.generator is not None else b""
+        outputs += decode.install_remote(decode.transferring[rid], src.kv_rows, skip, firsts[rid], rng)
+        decode.assert_invariants()
+    return outputs, skips
+
+
+def clone_of(reqs: list[Req]) -> Any:
+    by_rid = {r.rid: r for r in reqs}
+    return lambda r: Req(rid=r.rid, gateway_id="g", input_ids=list(r.input_ids), sampling=by_rid[r.rid].sampling,
+                         return_logprob=r.return_logprob, top_logprobs_num=r.top_logprobs_num,
+                         logprob_start_len=r.logprob_start_len)
+
+
+def finish(engine: Engine, early: list[TokenOutput]) -> dict[str, TokenOutput]:
+    done = {o.rid: o for o in early if o.finish is not None}
+    done |= run(engine, [])
+    return done
+
+
+def test_greedy_output_equals_the_colocated_engines(rig: Rig) -> None:
+    colocated = run(rig.engine(), workload(3))
+    prefill, decode = rig.engine(), rig.engine()
+    reqs = workload(3)
+    early, skips = prefill_remotely(prefill, decode, reqs, clone_of(workload(3)))
+    assert len(skips) == len(reqs)
+    done = finish(decode, early)
+    assert {r: o.all_ids for r, o in done.items()} == {r: o.all_ids for r, o in colocated.items()}
+    assert prefill.cache.cached_size > 0 and decode.cache.cached_size > 0  # both keep the prompts
+
+
+def test_logprobs_and_seeded_sampling_survive_the_move(rig: Rig) -> None:
+    def reqs() -> list[Req]:
+        out = []
+        for i, p in enumerate(([5, 9, 33, 71, 2, 8] * 7, [100 + i for i in range(30)])):
+            r = make_req(f"s{i}", p, temperature=0.9, seed=1234 + i, max_new_tokens=10)
+            r.return_logprob, r.top_logprobs_num, r.logprob_start_len = True, 2, 0
+            out.append(r)
+        return out
+
+    colocated = run(rig.engine(), reqs())
+    prefill, decode = rig.engine(), rig.engine()
+    early, _ = prefill_remotely(prefill, decode, reqs(), clone_of(reqs()))
+    done = finish(decode, early)
+    for rid, want in colocated.items():
+        got = done[rid]
+        assert got.all_ids == want.all_ids
+        assert got.input_token_logprobs is not None and want.input_token_logprobs is not None
+        assert [t for _, t in got.input_token_logprobs] == [t for _, t in want.input_token_logprobs]
+        assert [lp or 0.0 for lp, _ in got.input_token_logprobs] == pytest.approx(
+            [lp or 0.0 for lp, _ in want.input_token_logprobs], abs=1e-4)
+        assert [t for _, t in got.output_token_logprobs] == [t for _, t in want.output_token_logprobs]
+
+
+def test_the_decode_ranks_cached_prefix_is_not_shipped(rig: Rig) -> None:
+    shared = list(range(10, 90))
+    decode, prefill = rig.engine(), rig.engine()
+    run(decode, [make_req("warm", shared + [3, 4])])
+    reqs = [make_req("a", shared + [7, 8, 9, 10])]
+    early, skips = prefill_remotely(prefill, decode, reqs, clone_of([make_req("a", shared + [7, 8, 9, 10])]))
+    assert skips["a"] == len(shared)  # only the tail comes over
+    want = run(rig.engine(), [make_req("a", shared + [7, 8, 9, 10])])
+    assert finish(decode, early)["a"].all_ids == want["a"].all_ids
+
+
+def test_a_failed_transfer_is_prefilled_locally_with_the_same_output(rig: Rig) -> None:
+    decode = rig.engine()
+    reqs = workload(5)
+    free = decode.pool.num_free
+    for r in reqs:
+        assert decode.add_remote(r) is not None
+    assert decode.pool.num_free < free and decode.has_work
+    decode.assert_invariants()
+    for r in list(decode.transferring.values()):
+        decode.prefill_locally(r)
+    decode.assert_invariants()
+    done = run(decode, [])
+    want = run(rig.engine(), workload(5))
+    assert {r: o.all_ids for r, o in done.items()} == {r: o.all_ids for r, o in want.items()}
+
+
+def test_abort_while_transferring_frees_the_reserved_slots(rig: Rig) -> None:
+    decode = rig.engine()
+    r = make_req("x", list(range(1, 120)))
+    assert decode.add_remote(r) == 0
+    assert decode.abort("x") is r and r.finish is not None and r.finish.type == "abort"
+    assert [o.rid for o in decode.drain_finished_early()] == ["x"]
+    decode.assert_idle_invariants()
+
+
+def test_no_room_means_a_local_prefill(rig: Rig) -> None:
+    decode = rig.engine(pool=200)
+    assert decode.add_remote(make_req("a", list(range(1, 150)), max_new_tokens=40)) == 0
+    assert decode.add_remote(make_req("b", list(range(1, 150)), max_new_tokens=40)) is None
+    assert [r.rid for r in decode.prefill.waiting] == ["b"]
+
+
+def test_fake_transfer_engine_moves_rows_and_fails_on_size_mismatch() -> None:
+    rx_side, tx_side = FakeTransferEngine("decode"), FakeTransferEngine("prefill")
+    rows = torch.randn(2, 5, 3)
+    rx = rx_side.receiver(Peer("fake:0", "k"), 1, rows.numel() * 4)
+    tx = tx_side.sender(Peer("", "k"), 1)
+    assert tx.poll() == KVPoll.WAITING_FOR_INPUT and rx.poll() == KVPoll.TRANSFERRING
+    tx.send(rows)
+    assert tx.poll() == rx.poll() == KVPoll.SUCCESS
+    assert torch.equal(rx.buffer.view(torch.float32).view(2, 5, 3), rows)
+    rx = rx_side.receiver(Peer("fake:0", "k"), 2, 8)
+    tx = tx_side.sender(Peer("", "k"), 2)
+    tx.send(rows)
+    assert tx.poll() == rx.poll() == KVPoll.FAILED
+
+
+def test_gloo_pair_ships_rows_between_two_engines() -> None:
+    prefill = GlooTransferEngine("prefill", timeout_s=20)
+    decode = GlooTransferEngine("decode", timeout_s=20)
+    try:
+        rows = torch.randn(3, 700, 2, 16, dtype=torch.bfloat16)
+        nbytes = rows.numel() * rows.element_size()
+        peer = Peer(prefill.bootstrap_addr, "d1-p1-0")
+        rxs = [decode.receiver(peer, tag, nbytes) for tag in (5, 6)]
+        txs = [prefill.sender(Peer("", "d1-p1-0"), tag) for tag in (6, 5)]  # out of order: tags tell them apart
+        txs[0].send(rows * 2)
+        txs[1].send(rows)
+        for t in rxs + txs:
+            assert t.result.result(timeout=20) == KVPoll.SUCCESS, t.error
+        assert torch.equal(rxs[0].buffer.view(torch.bfloat16).view(rows.shape), rows)
+        assert torch.equal(rxs[1].buffer.view(torch.bfloat16).view(rows.shape), rows * 2)
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_gloo_receiver_fails_when_no_prefill_rank_listens() -> None:
+    decode = GlooTransferEngine("decode", timeout_s=2)
+    try:
+        with socket_port() as port:
+            rx = decode.receiver(Peer(f"127.0.0.1:{port}", "k"), 1, 16)
+            assert rx.result.result(timeout=30) == KVPoll.FAILED
+            assert "failed" in rx.error
+    finally:
+        decode.close()
+
+
+class socket_port:
+    """A port nothing listens on (bound, never listening)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+# --- the dispatcher's decision --------------------------------------------------------------
+
+
+def rank(dp_rank: int, holding: int = 0, mode: str = "prefill") -> RankState:
+    r = RankState(dp_rank)
+    r.report = LoadReport(dp_rank=dp_rank, seq=1, timestamp=0.0, holding_tokens=holding, num_running=0,
+                          num_waiting=0, kv_used=0, kv_total=1000, mode=mode)
+    r.live = True
+    return r
+
+
+def request(n: int, dispatch_id: int = 1, **kw: Any) -> TokenizedRequest:
+    start = 1000 * dispatch_id  # prompts of different requests share nothing
+    return TokenizedRequest(rid=f"r{dispatch_id}", gateway_id="g", input_ids=list(range(start, start + n)),
+                            dispatch_id=dispatch_id, **kw)
+
+
+def test_short_uncached_and_resumed_prompts_stay_on_the_decode_rank() -> None:
+    d = Disaggregation(DisaggregationConfig(min_prompt_tokens=100))
+    ranks = [rank(2), rank(3)]
+    assert d.place(request(99), 0, ranks) is None
+    assert d.place(request(400, 2), 350, ranks) is None  # the decode rank has most of it cached
+    assert d.place(request(400, 3, resume_output_ids=[1, 2]), 0, ranks) is None
+    assert d.place(request(400, 4), 0, ranks) == 2
+    assert dict(d.decisions) == {("local", "short"): 2, ("local", "resumed"): 1, ("remote", "least_queued"): 1}
+
+
+def test_prefill_rank_by_cache_then_by_queue_and_tasks_count_until_taken() -> None:
+    clock = [0.0]
+    d = Disaggregation(DisaggregationConfig(min_prompt_tokens=10, max_prefill_queue=1000), lambda: clock[0])
+    ranks = [rank(2, holding=300), rank(3, holding=100)]
+    first = request(500, 1)
+    assert d.place(first, 0, ranks) == 3  # fewer tokens queued
+    assert d.place(request(500, 2), 0, ranks) == 2  # rank 3 now has 100 + 500 queued
+    same_prefix = TokenizedRequest(rid="x", gateway_id="g", input_ids=first.input_ids + [7, 8], dispatch_id=3)
+    assert d.place(same_prefix, 0, ranks) == 3  # it cached that prompt
+    d.on_report(LoadReport(dp_rank=3, seq=2, timestamp=0.0, holding_tokens=100, num_running=0, num_waiting=0,
+                           kv_used=0, kv_total=1000, mode="prefill", tasks_accepted=[1, 3]))
+    assert d.queued(ranks[1]) == 100  # tasks 1 and 3 are in its reported holding now
+    assert d.queued(ranks[0]) == 800
+    clock[0] = 1000.0  # a task never reported taken stops counting
+    assert d.queued(ranks[0]) == 300
+    busy = [rank(2, holding=1500), rank(3, holding=1200)]
+    assert d.place(request(600, 9), 0, busy) is None  # both queues are past 1000: prefill locally
+    assert d.decisions["local", "prefill_queue_full"] == 1
+
