@@ -196,6 +196,7 @@ class TokenOutput(Struct, kw_only=True, omit_defaults=True):
     no_stop_trim: bool = False  # the final text keeps the matched stop string / stop token's text
     finish: FinishReason | None = None
     all_ids: list[int] | None = None
+    prefill: str = ""  # a decode rank's request: where its prompt was prefilled ("remote", "local")
     # with return_logprob: (logprob, token_id) pairs; input ones once (first output), output
     # ones for this output's new ids; top ones: the top_logprobs_num best per position
     input_token_logprobs: list[tuple[float | None, int]] | None = None
@@ -234,6 +235,7 @@ class TextOutput(Struct, tag="text", kw_only=True, omit_defaults=True):
     # with output logprobs: token id -> that token's bytes alone (special tokens included), for
     # every id in output_token_logprobs / output_top_logprobs; the gateway has no tokenizer
     token_bytes: dict[int, bytes] | None = None
+    prefill: str = ""  # TokenOutput.prefill
 
 
 class RequestError(Struct, tag="error", kw_only=True, omit_defaults=True):

@@ -51,6 +51,7 @@ def detokenize_one(out: TokenOutput, decoder: IncrementalDecoder) -> TextOutput:
         output_token_logprobs=out.output_token_logprobs,
         output_top_logprobs=out.output_top_logprobs,
         token_bytes=token_bytes(out, decoder),
+        prefill=out.prefill,
     )
 
 

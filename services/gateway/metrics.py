@@ -35,6 +35,9 @@ class GatewayMetrics:
         self.clock = clock
         self.ttft = Histogram()
         self.itl = Histogram()
+        # a disaggregated deployment's requests, by where their prompt was prefilled (remote, local)
+        self.ttft_by_prefill: dict[str, Histogram] = {}
+        self.itl_by_prefill: dict[str, Histogram] = {}
         self.e2e = Histogram()
         self.finished: Counter[str] = Counter()  # finish type -> requests
         self.ignored_fields: Counter[str] = Counter()  # unknown /generate field -> requests that sent it
@@ -42,6 +45,7 @@ class GatewayMetrics:
         self.generation_tokens = 0
         self._started: dict[str, float] = {}  # rid -> clock() when published
         self._last_token: dict[str, float] = {}  # rid -> clock() of its latest step with tokens
+        self._prefill: dict[str, str] = {}  # rid -> where its prompt was prefilled (disaggregated only)
         self._recent: deque[tuple[float, int]] = deque()  # (clock(), tokens) within the window
         self.reports: dict[int, tuple[float, LoadReport]] = {}  # dp_rank -> (received, report)
         self.snapshots = Snapshots()
@@ -55,6 +59,7 @@ class GatewayMetrics:
         if self._started.pop(rid, None) is not None:
             self.finished["abort"] += 1
         self._last_token.pop(rid, None)
+        self._prefill.pop(rid, None)
 
     def observe(self, batch: TextBatch) -> None:
         now = self.clock()
@@ -70,10 +75,13 @@ class GatewayMetrics:
             if n:
                 last = self._last_token.get(out.rid)
                 if last is None:
-                    self.ttft.observe(now - started)
+                    if out.prefill:
+                        self._prefill[out.rid] = out.prefill
+                    self._ttft(out.rid).observe(now - started)
                 else:
+                    itl = self._itl(out.rid)
                     for _ in range(n):  # a step with n tokens: n gaps of equal share
-                        self.itl.observe((now - last) / n)
+                        itl.observe((now - last) / n)
                 self._last_token[out.rid] = now
                 self.generation_tokens += n
                 self._recent.append((now, n))
@@ -82,6 +90,14 @@ class GatewayMetrics:
                 self.prompt_tokens += out.prompt_tokens
                 self.finished[out.finish.type] += 1
                 self.forget(out.rid)
+
+    def _ttft(self, rid: str) -> Histogram:
+        where = self._prefill.get(rid)
+        return self.ttft if where is None else self.ttft_by_prefill.setdefault(where, Histogram())
+
+    def _itl(self, rid: str) -> Histogram:
+        where = self._prefill.get(rid)
+        return self.itl if where is None else self.itl_by_prefill.setdefault(where, Histogram())
 
     def on_ignored_fields(self, names: list[str]) -> None:
         """Counts the unknown fields a request sent; the names are the client's, so at most
@@ -95,6 +111,7 @@ class GatewayMetrics:
         """Stops timing `rid` without counting it."""
         self._started.pop(rid, None)
         self._last_token.pop(rid, None)
+        self._prefill.pop(rid, None)
 
     async def on_report(self, report: LoadReport) -> None:
         self.reports[report.dp_rank] = (self.clock(), report)
@@ -124,6 +141,10 @@ class GatewayMetrics:
         ]
         out += self.ttft.samples("dpserve:time_to_first_token_seconds")
         out += self.itl.samples("dpserve:inter_token_latency_seconds")
+        for where, h in sorted(self.ttft_by_prefill.items()):
+            out += h.samples("dpserve:time_to_first_token_seconds", {"prefill": where})
+        for where, h in sorted(self.itl_by_prefill.items()):
+            out += h.samples("dpserve:inter_token_latency_seconds", {"prefill": where})
         out += self.e2e.samples("dpserve:e2e_request_latency_seconds")
         return out
 

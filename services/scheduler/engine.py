@@ -272,6 +272,7 @@ class Engine:
         its logprobs and the generator state after it) becomes the request's, as if this rank had
         prefilled it. Returns the request's output if it streams or ended."""
         del self.transferring[req.rid]
+        req.prefill_where = "remote"
         self.pool.import_rows(self.table.slots[req.row, skip : len(req.input_ids)], rows)
         self.cache.cache_prefix(req)
         if rng_state and req.generator is not None:

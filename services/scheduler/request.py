@@ -57,6 +57,7 @@ class Req:
     # prefill/decode disaggregation
     ships_kv_from: int = -1  # prefill rank: >= 0 ships the prompt's rows from here on, then ends
     kv_rows: torch.Tensor | None = None  # prefill rank: those rows, exported once prefilled
+    prefill_where: str = ""  # decode rank: "remote" (a prefill rank's KV installed) or "local"
 
     @classmethod
     def from_msg(cls, msg: TokenizedRequest) -> Req:
@@ -147,6 +148,7 @@ class Req:
             no_stop_trim=self.sampling.no_stop_trim,
             finish=self.finish,
             all_ids=self.output_ids if self.finished else None,
+            prefill=self.prefill_where,
         )
         if self.return_logprob:
             first = self.seq == self.first_seq and not self.resumed

@@ -243,12 +243,15 @@ class SchedulerService(Service):
         if self.prefill_side is not None:
             self.prefill_side.mark(reqs)
         for req, msg in zip(reqs, inputs.reqs, strict=True):
-            if self.decode_side is not None and msg.prefill_dp_rank is not None:
-                await self.decode_side.add(req, msg)
+            if self.decode_side is None:
+                self.engine.add(req)
                 continue
-            if self.decode_side is not None:
+            req.prefill_where = "local"  # until a prefill rank's KV is installed
+            if msg.prefill_dp_rank is not None:
+                await self.decode_side.add(req, msg)
+            else:
                 self.decode_side.metrics.prefills["local"] += 1
-            self.engine.add(req)
+                self.engine.add(req)
         installed = self.decode_side.poll() if self.decode_side is not None else []
         await self.emit(installed)  # the first tokens of requests a prefill rank prefilled
         for rid in inputs.aborts:

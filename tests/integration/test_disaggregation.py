@@ -82,6 +82,8 @@ def test_tiny_llama_disaggregated_equals_colocated_and_transformers(server_facto
     shipped = wait_metric(server.url, "dpserve:kv_transfer_bytes_total", 1, mode="prefill")
     assert shipped == (300 + 301 + 700) * row
     assert metric(server.url, "dpserve:kv_transfer_failures_total") == 0
+    assert metric(server.url, "dpserve:time_to_first_token_seconds_count", prefill="remote") == 3
+    assert metric(server.url, "dpserve:time_to_first_token_seconds_count", prefill="local") == 1
     # the same long prompt again: the decode rank has it cached now and prefills the one token left itself
     again = generate(server.url, input_ids=refs[3][0], sampling_params={"temperature": 0, "max_new_tokens": MAX_NEW,
                                                                          "ignore_eos": True})

@@ -13,10 +13,12 @@ import torch
 
 from services.dispatcher.disaggregation import Disaggregation, DisaggregationConfig
 from services.dispatcher.loads import RankState
+from services.gateway.metrics import GatewayMetrics
 from services.scheduler.disagg.transfer import FakeTransferEngine, GlooTransferEngine, KVPoll, Peer
 from services.scheduler.engine import Engine
 from services.scheduler.request import Req
-from shared.messages import LoadReport, TokenizedRequest, TokenOutput
+from shared.messages import FinishReason, LoadReport, TextBatch, TextOutput, TokenizedRequest, TokenOutput
+from shared.metrics import render
 from tests.unit.test_engine import Rig, make_req, run, workload
 
 
@@ -253,3 +255,29 @@ def test_prefill_rank_by_cache_then_by_queue_and_tasks_count_until_taken() -> No
     assert d.place(request(600, 9), 0, busy) is None  # both queues are past 1000: prefill locally
     assert d.decisions["local", "prefill_queue_full"] == 1
 
+
+
+# --- the gateway's latencies by where the prompt was prefilled ------------------------------------
+
+
+def test_gateway_times_disaggregated_requests_by_where_they_were_prefilled() -> None:
+    now = [0.0]
+    m = GatewayMetrics(clock=lambda: now[0])
+
+    def step(rid: str, ids: list[int], prefill: str, finish: bool = False) -> TextOutput:
+        return TextOutput(rid=rid, seq=0, text="x", new_ids=ids, prompt_tokens=3, completion_tokens=len(ids),
+                          prefill=prefill, finish=FinishReason(type="length") if finish else None)
+
+    for rid in ("remote", "local", "colocated"):
+        m.on_start(rid)
+    now[0] = 0.25
+    m.observe(TextBatch(outputs=[step("remote", [1], "remote"), step("local", [1], "local"), step("colocated", [1], "")]))
+    now[0] = 0.5
+    m.observe(TextBatch(outputs=[step("remote", [2, 3], "remote", True), step("local", [2], "local", True)]))
+    assert (m.ttft_by_prefill["remote"].count, m.ttft_by_prefill["local"].count, m.ttft.count) == (1, 1, 1)
+    assert (m.itl_by_prefill["remote"].count, m.itl_by_prefill["local"].count, m.itl.count) == (2, 1, 0)
+    text = render(m.local_samples(0))
+    assert 'dpserve:time_to_first_token_seconds_count{prefill="remote"} 1' in text
+    assert 'dpserve:inter_token_latency_seconds_count{prefill="local"} 1' in text
+    assert "dpserve:time_to_first_token_seconds_count 1" in text  # the colocated request, unlabelled
+    assert not m._prefill  # forgotten once they ended (the colocated one never had an entry)
