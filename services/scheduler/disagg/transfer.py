@@ -157,7 +157,10 @@ class GlooTransferEngine(TransferEngine):
         else:
             store = self._decode_store(peer.addr)
             rank = self.DECODE
-        pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer.key}", store), rank, 2, self.timeout)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = self.timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # this rank's address
+        pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer.key}", store), rank, 2, options)
         log.info("kv pair %s connected (%s side, bootstrap %s)", peer.key, self.role, peer.addr)
         return pg
 
