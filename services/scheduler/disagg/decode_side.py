@@ -109,9 +109,10 @@ class DecodeSide:
         key = f"{self.instance_id}-{prefill_instance}-{generation}"
         nbytes = (len(req.input_ids) - skip) * self.engine.pool.row_bytes()
         tag = next(self.tags) % TAGS
+        started = time.monotonic()  # before the receive is posted: its own timeout cannot end sooner than ours
         rx = self.transfer.receiver(Peer(rank.report.bootstrap_addr, key), tag, nbytes)
         rx.result.add_done_callback(lambda _: self.wake())
-        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, rx, time.monotonic())
+        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, rx, started)
         task = PrefillTask(req=msg, decode_dp_rank=self.dp_rank, pair_key=key, tag=tag, skip=skip, nbytes=nbytes,
                            prefill_instance=prefill_instance)
         await self.bus.publish(self.subjects.sched_prefill(msg.prefill_dp_rank), task)
@@ -125,7 +126,7 @@ class DecodeSide:
             if rid not in self.engine.transferring:  # aborted meanwhile: its slots are free already
                 del self.pending[rid]
                 continue
-            failure = self._failure(p, now)
+            failure = self._failure(p)
             if failure is not None:
                 reason, message = failure
                 del self.pending[rid]
@@ -143,14 +144,18 @@ class DecodeSide:
                 self.metrics.seconds.observe(now - p.started)
         return outputs
 
-    def _failure(self, p: Pending, now: float) -> tuple[str, str] | None:
-        """(reason, message) when the transfer will not complete, else None."""
-        if p.rx.poll() == KVPoll.FAILED:
+    def _failure(self, p: Pending) -> tuple[str, str] | None:
+        """(reason, message) when the transfer will not complete, else None. The gloo pair waits
+        --disaggregation-transfer-timeout too, so a receive that failed once that much time passed
+        timed out (a frozen or busy prefill rank), whatever the pair said; the clock is read after
+        the state, so a receive failing in between is not taken for a broken pair."""
+        state = p.rx.poll()
+        if time.monotonic() - p.started >= self.timeout_s:
+            return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
+        if state == KVPoll.FAILED:
             return "transfer", p.rx.error
         if p.done is not None and not p.done.ok:
             return "refused", f"prefill rank {p.prefill_dp_rank}: {p.done.message}"
-        if now - p.started > self.timeout_s:
-            return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
         rank = self._live(p.prefill_dp_rank)
         if rank is None or rank.report.instance_id != p.prefill_instance:
             return "prefill_rank_lost", f"prefill rank {p.prefill_dp_rank} stopped reporting or restarted"
