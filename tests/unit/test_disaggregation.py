@@ -4,8 +4,6 @@ those of one colocated engine; the accounting must hold through installs, fallba
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,14 +18,6 @@ from services.scheduler.request import Req
 from shared.messages import FinishReason, LoadReport, TextBatch, TextOutput, TokenizedRequest, TokenOutput
 from shared.metrics import render
 from tests.unit.test_engine import Rig, make_req, run, workload
-
-
-@pytest.fixture(scope="module")
-def rig(tiny_model: Path) -> Iterator[Rig]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Rig(tiny_model)
-    torch.set_num_threads(threads)
 
 
 def prefill_remotely(prefill: Engine, decode: Engine, reqs: list[Req], clone: Any) -> tuple[list[TokenOutput], dict[str, int]]:

@@ -4,7 +4,6 @@ abort, accounting. Greedy outputs are compared across configurations of the same
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,6 @@ class Rig:
         )
         kv = KVPool(c.num_hidden_layers, pool, c.num_key_value_heads, c.head_dim)
         return Engine(self.model, kv, self.tokenizer, cfg)
-
-
-@pytest.fixture(scope="module")
-def rig(tiny_model: Path) -> Iterator[Rig]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from more, and the CI box is shared
-    yield Rig(tiny_model)
-    torch.set_num_threads(threads)
 
 
 def make_req(rid: str, prompt: list[int], **sampling: Any) -> Req:

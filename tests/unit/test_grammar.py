@@ -35,12 +35,6 @@ PERSON = {
 }
 
 
-@pytest.fixture(scope="module")
-def rig(tiny_model: Path) -> Rig:
-    torch.set_num_threads(1)
-    return Rig(tiny_model)
-
-
 def constrained(rid: str, prompt: list[int], seed: int, **constraint: str) -> Req:
     return make_req(rid, prompt, temperature=1.0, ignore_eos=False, max_new_tokens=MAX_NEW_TOKENS, seed=seed, **constraint)
 

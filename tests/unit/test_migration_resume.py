@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-import torch
 
 from services.gateway.streams import RequestStream
 from services.scheduler.request import Req
 from shared.messages import FinishReason, SamplingParams, TextOutput, TokenizedRequest
 from tests.unit.test_engine import Rig, run
-
-
-@pytest.fixture(scope="module")
-def rig(tiny_model: Path) -> Iterator[Rig]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Rig(tiny_model)
-    torch.set_num_threads(threads)
 
 
 def _msg(rid: str, resume: list[int], first_seq: int = 0, n: int = 24) -> TokenizedRequest:
