@@ -28,6 +28,11 @@ gateway's /metrics (the change over the workload; a missing metric counts 0) the
 the transfer seconds, the cost per shipped prompt token and the dispatcher's remote / local
 decisions. The modes alternate order between --repeats.
 
+Where a prompt's prefill takes long (a 2048-token one takes ~30 s on one core of a 2-core VM, and
+the prefill rank prefills the prompts that queued meanwhile in one step), transfers outlast the
+60 s --disaggregation-transfer-timeout, the decode rank prefills them itself and the fallbacks
+column says so: raise it with --serve-args '--disaggregation-transfer-timeout 900'.
+
     .venv/bin/python benchmarks/bench_pd.py [--modes colocated,disaggregated] [--repeats 1]
         [--streams 32] [--stream-output-len 2048] [--burst-prompts 8] [--burst-rate 1.0]
         [--burst-input-len 2048] [--burst-output-len 8] [--serve-args '...']
@@ -67,7 +72,8 @@ from shared.metrics import SNAPSHOT_INTERVAL  # noqa: E402
 MODES = ("colocated", "disaggregated")
 # what the table calls a counter of the gateway's /metrics -> (sample name, label filter), summed
 # over the samples that match (every instance's). The transfer's are the prefill side's (a decode
-# rank counts the same bytes again as it installs them).
+# rank counts the same bytes again as it installs them); the failures the decode side's, each a
+# request it prefilled itself.
 SHIPPED = {"mode": "prefill"}
 COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
     "kv_bytes": ("dpserve:kv_transfer_bytes_total", SHIPPED),
@@ -76,7 +82,7 @@ COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
     "transfers": ("dpserve:kv_transfer_seconds_count", SHIPPED),
     "remote": ("dpserve:disaggregation_decisions_total", {"decision": "remote"}),
     "local": ("dpserve:disaggregation_decisions_total", {"decision": "local"}),
-    "fallbacks": ("dpserve:kv_transfer_failures_total", {}),
+    "fallbacks": ("dpserve:kv_transfer_failures_total", {"mode": "decode"}),  # the sender counts them too
 }
 WARM_UP_LONG = 512  # tokens: over the dispatcher's default 256, so the warm-up ships a KV too
 
