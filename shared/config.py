@@ -215,8 +215,9 @@ class ServerArgs:
     disaggregation_max_prefill_queue: int = arg(65536, "Dispatcher: when the least loaded prefill rank holds more "
                                                 "tokens than this, the decode rank prefills locally; 0: no limit",
                                                 "disaggregation")
-    disaggregation_transfer_timeout: float = arg(60.0, "Decode rank: seconds a request waits for its KV from a "
-                                                 "prefill rank before it prefills locally", "disaggregation")
+    disaggregation_transfer_timeout: float = arg(300.0, "Decode rank: seconds a request waits for its prefill rank "
+                                                 "(its queue, the prefill and the transfer) before it prefills "
+                                                 "locally", "disaggregation")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

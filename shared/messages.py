@@ -306,12 +306,16 @@ class PrefillTask(Struct, kw_only=True, omit_defaults=True):
 
 
 class PrefillDone(Struct, kw_only=True, omit_defaults=True):
-    """Prefill rank -> decode rank, after the rows were sent (or could not be): the first token's
-    output (logprobs included) and the sampler's generator state after drawing it."""
+    """Prefill rank -> decode rank, once prefilled: ok, the rows follow at once under `tag` on
+    `pair_key` (the decode rank posts their receive now, or drains them if it gave up on the
+    request), with the first token's output (logprobs included) and the sampler's generator state
+    after drawing it; not ok, nothing follows."""
 
     rid: str
     tag: int
     ok: bool
+    pair_key: str = ""
+    nbytes: int = 0
     message: str = ""
     output: TokenOutput | None = None
     rng_state: bytes = b""

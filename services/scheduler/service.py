@@ -119,7 +119,7 @@ class SchedulerService(Service):
         args = self.args
         metrics = DisaggMetrics(self.dp_rank, self.mode)
         host = args.node_addr or "127.0.0.1"
-        self.transfer = GlooTransferEngine(self.mode, host, args.disaggregation_transfer_timeout)
+        self.transfer = GlooTransferEngine(self.mode, host)
         if self.mode == "prefill":
             self.prefill_side = PrefillSide(self.bus, self.subjects, self.transfer, self.instance_id, metrics,
                                             self.spawn, self.log)

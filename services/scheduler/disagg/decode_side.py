@@ -1,6 +1,6 @@
 """A decode rank's part: for a request the dispatcher gave a prefill rank, reserve its KV here
-(after this rank's own prefix match), post the receive, send the PrefillTask; once the rows and
-the PrefillDone are both in, install them and decode on.
+(after this rank's own prefix match), start the pair and send the PrefillTask; when the PrefillDone
+says the rows are coming, post their receive; once they are in, install them and decode on.
 
 Whatever goes wrong (the prefill rank is unknown, restarted or dead, the pair broke, the task was
 refused, `--disaggregation-transfer-timeout` passed) the reserved slots are freed and the request
@@ -34,9 +34,10 @@ class Pending:
     prefill_instance: str
     skip: int
     tag: int
-    rx: KVReceiver
-    started: float
+    peer: Peer
+    started: float  # time.monotonic() the task was sent
     done: PrefillDone | None = None
+    rx: KVReceiver | None = None  # posted when the PrefillDone says the rows are coming
 
 
 @dataclass
@@ -65,6 +66,7 @@ class DecodeSide:
         self.pending: dict[str, Pending] = {}
         self.tags = itertools.count(1)
         self.generations: dict[str, int] = {}  # prefill instance -> its current pair's generation
+        self.peers: dict[str, Peer] = {}  # pair key -> the pair (rows of a request given up are drained)
 
     # --- bus handlers ----------------------------------------------------------------------------
 
@@ -74,10 +76,21 @@ class DecodeSide:
 
     async def on_done(self, msg: PrefillDone) -> None:
         pending = self.pending.get(msg.rid)
-        if pending is None or pending.tag != msg.tag:
-            return  # a task this rank gave up on
+        if pending is None or pending.tag != msg.tag or msg.rid not in self.engine.transferring:
+            self._drain(msg)  # a task this rank gave up on
+            return
         pending.done = msg
+        if msg.ok:
+            pending.rx = self.transfer.receiver(pending.peer, msg.tag, msg.nbytes)
+            pending.rx.result.add_done_callback(lambda _: self.wake())
         self.wake()
+
+    def _drain(self, msg: PrefillDone) -> None:
+        """Receives rows nobody waits for any more, so the prefill rank's send completes instead of
+        timing out (which would break the pair under every other transfer on it)."""
+        peer = self.peers.get(msg.pair_key)
+        if msg.ok and peer is not None:
+            self.transfer.receiver(peer, msg.tag, msg.nbytes)
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -105,17 +118,24 @@ class DecodeSide:
             self.metrics.prefills["local"] += 1
             return
         prefill_instance = rank.report.instance_id
-        generation = self.generations.setdefault(prefill_instance, 0)
-        key = f"{self.instance_id}-{prefill_instance}-{generation}"
+        key = self._pair_key(prefill_instance, rank.report.bootstrap_addr)
         nbytes = (len(req.input_ids) - skip) * self.engine.pool.row_bytes()
         tag = next(self.tags) % TAGS
-        started = time.monotonic()  # before the receive is posted: its own timeout cannot end sooner than ours
-        rx = self.transfer.receiver(Peer(rank.report.bootstrap_addr, key), tag, nbytes)
-        rx.result.add_done_callback(lambda _: self.wake())
-        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, rx, started)
+        peer = self.peers[key] = Peer(rank.report.bootstrap_addr, key)
+        self.transfer.connect(peer)  # set up while the prefill rank works
+        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, peer, time.monotonic())
         task = PrefillTask(req=msg, decode_dp_rank=self.dp_rank, pair_key=key, tag=tag, skip=skip, nbytes=nbytes,
                            prefill_instance=prefill_instance)
         await self.bus.publish(self.subjects.sched_prefill(msg.prefill_dp_rank), task)
+
+    def _pair_key(self, prefill_instance: str, addr: str) -> str:
+        """The pair to use with that prefill instance: the current one, or a new one if it broke."""
+        generation = self.generations.setdefault(prefill_instance, 0)
+        key = f"{self.instance_id}-{prefill_instance}-{generation}"
+        if self.transfer.broken(Peer(addr, key)):
+            self.generations[prefill_instance] = generation + 1
+            key = f"{self.instance_id}-{prefill_instance}-{generation + 1}"
+        return key
 
     def poll(self) -> list[TokenOutput]:
         """Installs the transfers that completed and prefills locally the ones that failed; the
@@ -126,38 +146,38 @@ class DecodeSide:
             if rid not in self.engine.transferring:  # aborted meanwhile: its slots are free already
                 del self.pending[rid]
                 continue
-            failure = self._failure(p)
-            if failure is not None:
-                reason, message = failure
+            if p.rx is not None and p.rx.poll() == KVPoll.SUCCESS:
                 del self.pending[rid]
-                self.generations[p.prefill_instance] = self.generations.get(p.prefill_instance, 0) + (reason != "refused")
-                self.engine.prefill_locally(p.req)
-                self._count_failure(reason, p.req, message)
-            elif p.rx.poll() == KVPoll.SUCCESS and p.done is not None:
-                del self.pending[rid]
-                assert p.done.output is not None
+                assert p.done is not None and p.done.output is not None
                 outputs += self.engine.install_remote(p.req, p.rx.buffer, p.skip, p.done.output, p.done.rng_state,
                                                       p.done.cached_tokens)
                 self.metrics.prefills["remote"] += 1
                 self.metrics.bytes += p.rx.nbytes
                 self.metrics.tokens += len(p.req.input_ids) - p.skip
                 self.metrics.seconds.observe(now - p.started)
+                continue
+            failure = self._failure(p, now)
+            if failure is not None:
+                reason, message = failure
+                del self.pending[rid]
+                if reason == "timeout":  # the pair may be stuck: the next task starts a new one
+                    self.generations[p.prefill_instance] = self.generations.get(p.prefill_instance, 0) + 1
+                self.engine.prefill_locally(p.req)
+                self._count_failure(reason, p.req, message)
         return outputs
 
-    def _failure(self, p: Pending) -> tuple[str, str] | None:
-        """(reason, message) when the transfer will not complete, else None. The gloo pair waits
-        --disaggregation-transfer-timeout too, so a receive that failed once that much time passed
-        timed out (a frozen or busy prefill rank), whatever the pair said; the clock is read after
-        the state, so a receive failing in between is not taken for a broken pair."""
-        state = p.rx.poll()
-        if time.monotonic() - p.started >= self.timeout_s:
-            return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
-        if state == KVPoll.FAILED:
+    def _failure(self, p: Pending, now: float) -> tuple[str, str] | None:
+        """(reason, message) when the rows will not come, else None."""
+        if p.rx is not None and p.rx.poll() == KVPoll.FAILED:
             return "transfer", p.rx.error
+        if broken := self.transfer.broken(p.peer):
+            return "transfer", f"the pair with prefill rank {p.prefill_dp_rank} broke: {broken}"
         if p.done is not None and not p.done.ok:
             return "refused", f"prefill rank {p.prefill_dp_rank}: {p.done.message}"
+        if now - p.started >= self.timeout_s:
+            return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
         rank = self._live(p.prefill_dp_rank)
-        if rank is None or rank.report.instance_id != p.prefill_instance:
+        if p.rx is None and (rank is None or rank.report.instance_id != p.prefill_instance):
             return "prefill_rank_lost", f"prefill rank {p.prefill_dp_rank} stopped reporting or restarted"
         return None
 

@@ -1,10 +1,11 @@
 """A prefill rank's part: PrefillTasks in, each prompt prefilled like any request but ended at its
-first token, its KV rows shipped to the decode rank, then a PrefillDone with that token.
+first token; then a PrefillDone tells the decode rank the rows are coming (with that token), and
+they are sent.
 
-Every task that was taken ships exactly the bytes its decode rank expects, zeros when there are no
-rows (the request was refused, aborted or its step failed): the decode rank's receive completes
-either way, and the PrefillDone says whether to use them. The prompt stays in this rank's radix
-cache, so a later prompt with the same prefix is prefilled from there.
+A task that ends without rows (refused, aborted, its step failed, the two sides' models differ)
+gets a PrefillDone that says so, and its sender is cancelled: the decode rank posts no receive for
+it and prefills the request itself. The prompt stays in this rank's radix cache, so a later prompt
+with the same prefix is prefilled from there.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from shared.subjects import Subjects
 class Task:
     msg: PrefillTask
     sender: KVSender
+    rows: torch.Tensor | None = None  # exported by the engine, until sent
     rng_state: bytes = b""
     cached_tokens: int = 0
-    handed: float = 0.0  # time.monotonic() the rows went to the sender
 
 
 class PrefillSide:
@@ -76,23 +77,16 @@ class PrefillSide:
         return out
 
     def intercept(self, outputs: list[TokenOutput], shipped: list[Req]) -> list[TokenOutput]:
-        """Ships the rows the engine exported; the tasks' outputs become their PrefillDones.
-        Returns the outputs that are not tasks'."""
+        """Takes the rows the engine exported; the tasks' outputs become their PrefillDones, each
+        followed by its rows. Returns the outputs that are not tasks'."""
         for req in shipped:
             task = self.tasks.get(req.rid)
             if task is None or req.kv_rows is None:
                 continue
-            rows, req.kv_rows = req.kv_rows, None
+            task.rows, req.kv_rows = req.kv_rows, None
             task.cached_tokens = req.cached_tokens
             if req.generator is not None:
                 task.rng_state = req.generator.get_state().numpy().tobytes()
-            nbytes = rows.numel() * rows.element_size()
-            if nbytes == task.msg.nbytes:
-                task.handed = time.monotonic()
-                task.sender.send(rows)
-            else:  # the two sides disagree on the model or its dtype: nothing here is usable
-                self.log.error("rid=%s: the decode rank expects %d KV bytes, this rank has %d (model or --dtype differ)",
-                               req.rid, task.msg.nbytes, nbytes)
         rest = []
         for out in outputs:
             task = self.tasks.get(out.rid)
@@ -103,26 +97,39 @@ class PrefillSide:
         return rest
 
     async def _ship(self, task: Task, out: TokenOutput) -> None:
-        """Waits for the rows to go (zeros when there are none) and answers the decode rank."""
+        """Answers the decode rank, then sends the rows and waits for them to go."""
+        rid, rows = out.rid, task.rows
+        task.rows = None
         failure = out.finish.message if out.finish is not None and out.finish.type == "abort" else None
-        if task.handed == 0.0:
-            failure = failure or "the prefill rank had no rows to ship"
-            task.sender.send(torch.zeros(task.msg.nbytes, dtype=torch.uint8))
-        state = await asyncio.wrap_future(task.sender.result)
-        self.tasks.pop(out.rid, None)
+        if failure is None and rows is None:
+            failure = "the prefill rank had no rows to ship"
+        if failure is None and rows is not None and rows.numel() * rows.element_size() != task.msg.nbytes:
+            failure = (f"the decode rank expects {task.msg.nbytes} KV bytes, the prefill rank has "
+                       f"{rows.numel() * rows.element_size()} (their models or --dtype differ)")
+            self.log.error("rid=%s: %s", rid, failure)
+        try:
+            if failure is not None or rows is None:
+                task.sender.cancel(failure or "")
+                await self._answer(task.msg, ok=False, message=failure or "")
+                return
+            await self._answer(task.msg, ok=True, output=out, rng_state=task.rng_state,
+                               cached_tokens=task.cached_tokens)
+            started = time.monotonic()
+            task.sender.send(rows)
+            state = await asyncio.wrap_future(task.sender.result)
+        finally:
+            self.tasks.pop(rid, None)
         if state == KVPoll.FAILED:
             self.metrics.failures["send"] += 1
-            self.log.warning("rid=%s: sending its KV failed: %s", out.rid, task.sender.error)
+            self.log.warning("rid=%s: sending its KV failed: %s", rid, task.sender.error)
             return  # the decode rank's receive failed too (the pair broke)
-        if failure is None:
-            self.metrics.bytes += task.msg.nbytes
-            self.metrics.tokens += len(task.msg.req.input_ids) - task.msg.skip
-            self.metrics.seconds.observe(time.monotonic() - task.handed)
-        await self._answer(task.msg, ok=failure is None, message=failure or "", output=out,
-                           rng_state=task.rng_state, cached_tokens=task.cached_tokens)
+        self.metrics.bytes += task.msg.nbytes
+        self.metrics.tokens += len(task.msg.req.input_ids) - task.msg.skip
+        self.metrics.seconds.observe(time.monotonic() - started)
 
     async def _answer(self, msg: PrefillTask, ok: bool, message: str = "", output: TokenOutput | None = None,
                       rng_state: bytes = b"", cached_tokens: int = 0) -> None:
-        done = PrefillDone(rid=msg.req.rid, tag=msg.tag, ok=ok, message=message, output=output if ok else None,
-                           rng_state=rng_state, cached_tokens=cached_tokens)
+        done = PrefillDone(rid=msg.req.rid, tag=msg.tag, ok=ok, message=message, pair_key=msg.pair_key,
+                           nbytes=msg.nbytes, output=output if ok else None, rng_state=rng_state,
+                           cached_tokens=cached_tokens)
         await self.bus.publish(self.subjects.sched_kv(msg.decode_dp_rank), done)

@@ -1,9 +1,10 @@
 """Moving one request's KV rows from a prefill rank to a decode rank, behind a small interface.
 
-Each side holds one `TransferEngine`. The decode rank opens a `KVReceiver` per request (a buffer
-of the size it expects, posted at once so a dead prefill rank fails it), the prefill rank a
-`KVSender` when the request's task arrives and hands it the rows once prefilled. Both are polled
-with SGLang's states:
+Each side holds one `TransferEngine`. Both sides start their pair when a task is sent (`connect`,
+`sender`), so its setup overlaps the prefill; the prefill rank's `KVSender` gets the rows once
+prefilled, the decode rank's `KVReceiver` (a buffer of the size it expects) is posted when the
+prefill rank says they are coming. So a pair's timeout bounds moving the rows, never the wait in
+the prefill rank's queue. Both are polled with SGLang's states:
 
     BOOTSTRAPPING -> WAITING_FOR_INPUT (sender: rows not given yet) -> TRANSFERRING -> SUCCESS
                                                                      any of them -> FAILED
@@ -25,7 +26,8 @@ import enum
 import logging
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +35,9 @@ import torch.distributed as dist
 
 log = logging.getLogger("scheduler.transfer")
 
-MAX_WAITS = 64  # transfers one rank may have in flight at once (a thread each waits on gloo)
 CONNECT_TIMEOUT_S = 10.0  # a decode rank reaching a prefill rank's store
+PAIR_TIMEOUT_S = 300.0  # a pair's setup, or one request's rows from posted to moved
+FOREVER = datetime.timedelta(days=365)
 
 
 class KVPoll(enum.IntEnum):
@@ -97,7 +100,7 @@ class KVSender(Transfer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._rows: Future[torch.Tensor] = Future()
+        self._rows: Future[torch.Tensor | None] = Future()  # None: cancelled
 
     def send(self, rows: torch.Tensor) -> None:
         """Ships `rows` (any dtype; sent as their bytes). The tensor must not change until done."""
@@ -105,9 +108,18 @@ class KVSender(Transfer):
         self.nbytes = rows.numel()
         self._rows.set_result(rows)
 
+    def cancel(self, why: str) -> None:
+        """Nothing will be sent (the decode rank was told so): FAILED, the pair untouched."""
+        self.error = why
+        self._rows.set_result(None)
+
 
 class TransferEngine(ABC):
     bootstrap_addr = ""  # prefill side: where decode ranks meet it
+
+    def connect(self, peer: Peer) -> None:
+        """Decode side: starts setting up the pair `peer` if it is new (it never blocks)."""
+        return None
 
     @abstractmethod
     def receiver(self, peer: Peer, tag: int, nbytes: int) -> KVReceiver:
@@ -117,21 +129,32 @@ class TransferEngine(ABC):
     def sender(self, peer: Peer, tag: int) -> KVSender:
         """Prefill side: will send under `tag` to the pair `peer`."""
 
+    def broken(self, peer: Peer) -> str:
+        """Why the pair `peer` is broken ("" while it works): its peer died, or an operation failed."""
+        return ""
+
     def close(self) -> None:
         return None
 
 
 class GlooTransferEngine(TransferEngine):
-    PREFILL, DECODE = 0, 1  # ranks within a pair
+    """Each blocking gloo call waits in a daemon thread of its own (a process never waits for
+    them at exit). The decode side keeps a receive posted on every pair under CANARY_TAG, which
+    is never sent: it fails the moment the prefill rank's process dies, so `broken` says so even
+    while no rows are moving. Waits pass their own timeout: a pair's default timeout would end a
+    wait that is only long, and gloo closes a pair whose operation timed out."""
 
-    def __init__(self, role: str, host: str = "127.0.0.1", timeout_s: float = 60.0) -> None:
+    PREFILL, DECODE = 0, 1  # ranks within a pair
+    CANARY_TAG = 0  # request tags start at 1
+
+    def __init__(self, role: str, host: str = "127.0.0.1", timeout_s: float = PAIR_TIMEOUT_S) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"a transfer engine serves a prefill or a decode rank, not {role!r}")
         self.role = role
         self.host = host
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.pool = ThreadPoolExecutor(max_workers=MAX_WAITS, thread_name_prefix="kv-transfer")
         self._pairs: dict[str, Future[dist.ProcessGroupGloo]] = {}
+        self._broken: dict[str, str] = {}  # pair key -> why
         self._stores: dict[str, dist.TCPStore] = {}
         self._lock = threading.Lock()
         self._store: dist.TCPStore | None = None
@@ -139,30 +162,46 @@ class GlooTransferEngine(TransferEngine):
             self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
             self.bootstrap_addr = f"{host}:{self._store.port}"
 
+    @staticmethod
+    def _thread(fn: Callable[..., None], *args: object) -> None:
+        threading.Thread(target=fn, args=args, name="kv-transfer", daemon=True).start()
+
     # --- pairs ---------------------------------------------------------------------------------
 
     def _pair(self, peer: Peer) -> Future[dist.ProcessGroupGloo]:
         with self._lock:
             pair = self._pairs.get(peer.key)
             if pair is None:
-                pair = self._pairs[peer.key] = self.pool.submit(self._connect, peer)
+                pair = self._pairs[peer.key] = Future()
+                self._thread(self._connect, peer, pair)
             return pair
 
-    def _connect(self, peer: Peer) -> dist.ProcessGroupGloo:
-        """Blocks until the other side joins the pair too (a transfer thread)."""
-        if self.role == "prefill":
-            assert self._store is not None
-            store = self._store
-            rank = self.PREFILL
-        else:
-            store = self._decode_store(peer.addr)
-            rank = self.DECODE
-        options = dist.ProcessGroupGloo._Options()
-        options._timeout = self.timeout
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # this rank's address
-        pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer.key}", store), rank, 2, options)
+    def _connect(self, peer: Peer, pair: Future[dist.ProcessGroupGloo]) -> None:
+        """Blocks until the other side joins the pair too."""
+        try:
+            if self.role == "prefill":
+                assert self._store is not None
+                store, rank = self._store, self.PREFILL
+            else:
+                store, rank = self._decode_store(peer.addr), self.DECODE
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = self.timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # this rank's address
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer.key}", store), rank, 2, options)
+        except Exception as e:  # noqa: BLE001 - the peer is gone or unreachable
+            self._break(peer.key, f"connecting to {peer.addr} failed: {e}")
+            pair.set_exception(e)
+            return
         log.info("kv pair %s connected (%s side, bootstrap %s)", peer.key, self.role, peer.addr)
-        return pg
+        pair.set_result(pg)
+        if self.role == "decode":
+            self._canary(peer.key, pg)
+
+    def _canary(self, key: str, pg: dist.ProcessGroupGloo) -> None:
+        try:
+            pg.recv([torch.empty(1, dtype=torch.uint8)], self.PREFILL, self.CANARY_TAG).wait(FOREVER)
+        except Exception as e:  # noqa: BLE001
+            self._break(key, f"the prefill rank's end of the pair closed: {e}")
 
     def _decode_store(self, addr: str) -> dist.TCPStore:
         with self._lock:
@@ -175,21 +214,29 @@ class GlooTransferEngine(TransferEngine):
                 self._stores[addr] = store
         return store
 
-    def drop(self, key: str) -> None:
-        """Forgets a pair that failed (its transfers are failing; a new one gets a new key)."""
+    def _break(self, key: str, why: str) -> None:
+        """A pair that failed is never used again (a new one gets a new key)."""
         with self._lock:
             self._pairs.pop(key, None)
+            self._broken.setdefault(key, why)
+
+    def broken(self, peer: Peer) -> str:
+        with self._lock:
+            return self._broken.get(peer.key, "")
 
     # --- transfers -----------------------------------------------------------------------------
 
+    def connect(self, peer: Peer) -> None:
+        self._pair(peer)
+
     def receiver(self, peer: Peer, tag: int, nbytes: int) -> KVReceiver:
         rx = KVReceiver(nbytes)
-        self.pool.submit(self._receive, self._pair(peer), peer, tag, rx)
+        self._thread(self._receive, self._pair(peer), peer, tag, rx)
         return rx
 
     def sender(self, peer: Peer, tag: int) -> KVSender:
         tx = KVSender()
-        self.pool.submit(self._send, self._pair(peer), peer, tag, tx)
+        self._thread(self._send, self._pair(peer), peer, tag, tx)
         return tx
 
     def _receive(self, pair: Future[dist.ProcessGroupGloo], peer: Peer, tag: int, rx: KVReceiver) -> None:
@@ -197,9 +244,9 @@ class GlooTransferEngine(TransferEngine):
             pg = pair.result()
             rx._set(KVPoll.TRANSFERRING)
             if rx.nbytes:
-                pg.recv([rx.buffer], self.PREFILL, tag).wait()
+                pg.recv([rx.buffer], self.PREFILL, tag).wait(self.timeout)
         except Exception as e:  # noqa: BLE001 - any failure of the pair fails the transfer
-            self.drop(peer.key)
+            self._break(peer.key, str(e))
             rx.fail(f"receiving from {peer.addr} failed: {e}")
             return
         rx._set(KVPoll.SUCCESS)
@@ -209,17 +256,17 @@ class GlooTransferEngine(TransferEngine):
             pg = pair.result()
             tx._set(KVPoll.WAITING_FOR_INPUT)
             rows = tx._rows.result()
+            if rows is None:
+                tx.fail(tx.error or "cancelled")
+                return
             tx._set(KVPoll.TRANSFERRING)
             if rows.numel():
-                pg.send([rows], self.DECODE, tag).wait()
+                pg.send([rows], self.DECODE, tag).wait(self.timeout)
         except Exception as e:  # noqa: BLE001
-            self.drop(peer.key)
+            self._break(peer.key, str(e))
             tx.fail(f"sending to pair {peer.key} failed: {e}")
             return
         tx._set(KVPoll.SUCCESS)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class FakeTransferEngine(TransferEngine):
@@ -246,6 +293,7 @@ class FakeTransferEngine(TransferEngine):
             def send(self, rows: torch.Tensor) -> None:
                 super().send(rows)
                 data = self._rows.result()
+                assert data is not None
                 rx = FakeTransferEngine._receivers.pop((peer.key, tag), None)
                 if engine.fail_next or rx is None or rx.nbytes != data.numel():
                     why = engine.fail_next or ("no receiver" if rx is None else f"{data.numel()} != {rx.nbytes} bytes")
