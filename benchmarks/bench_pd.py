@@ -28,10 +28,10 @@ gateway's /metrics (the change over the workload; a missing metric counts 0) the
 the transfer seconds, the cost per shipped prompt token and the dispatcher's remote / local
 decisions. The modes alternate order between --repeats.
 
-Where a prompt's prefill takes long (a 2048-token one takes ~30 s on one core of a 2-core VM, and
-the prefill rank prefills the prompts that queued meanwhile in one step), transfers outlast the
-60 s --disaggregation-transfer-timeout, the decode rank prefills them itself and the fallbacks
-column says so: raise it with --serve-args '--disaggregation-transfer-timeout 900'.
+A 2048-token prefill takes ~30 s on one core of a 2-core VM, and the prefill rank prefills the
+prompts that queued meanwhile in one step: the burst's last request waits minutes for its KV. Past
+--disaggregation-transfer-timeout (default 300 s) the decode rank prefills it itself, and the
+fallbacks column says so.
 
     .venv/bin/python benchmarks/bench_pd.py [--modes colocated,disaggregated] [--repeats 1]
         [--streams 32] [--stream-output-len 2048] [--burst-prompts 8] [--burst-rate 1.0]
