@@ -4,6 +4,8 @@ those of one colocated engine; the accounting must hold through installs, fallba
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -12,11 +14,24 @@ import torch
 from services.dispatcher.disaggregation import Disaggregation, DisaggregationConfig
 from services.dispatcher.loads import RankState
 from services.gateway.metrics import GatewayMetrics
+from services.scheduler.disagg.metrics import DisaggMetrics
+from services.scheduler.disagg.prefill_side import PrefillSide
 from services.scheduler.disagg.transfer import FakeTransferEngine, GlooTransferEngine, KVPoll, Peer
 from services.scheduler.engine import Engine
 from services.scheduler.request import Req
-from shared.messages import FinishReason, LoadReport, TextBatch, TextOutput, TokenizedRequest, TokenOutput
+from shared.messages import (
+    FinishReason,
+    LoadReport,
+    PrefillDone,
+    PrefillTask,
+    TextBatch,
+    TextOutput,
+    TokenizedRequest,
+    TokenOutput,
+)
 from shared.metrics import render
+from shared.subjects import Subjects
+from tests.fakes import FakeBus
 from tests.unit.test_engine import Rig, make_req, run, workload
 
 
@@ -271,3 +286,34 @@ def test_gateway_times_disaggregated_requests_by_where_they_were_prefilled() -> 
     assert 'dpserve:inter_token_latency_seconds_count{prefill="local"} 1' in text
     assert "dpserve:time_to_first_token_seconds_count 1" in text  # the colocated request, unlabelled
     assert not m._prefill  # forgotten once they ended (the colocated one never had an entry)
+
+
+# --- a prefill rank's tasks from the bus ------------------------------------------------------------
+
+
+def test_prefill_side_refuses_bad_or_stale_tasks_and_answers_each() -> None:
+    async def scenario() -> FakeBus:
+        bus = FakeBus()
+        spawned: list[asyncio.Task[None]] = []
+        side = PrefillSide(bus, Subjects(), FakeTransferEngine("prefill"), "inst", DisaggMetrics(2, "prefill"),
+                           lambda c: spawned.append(asyncio.ensure_future(c)), logging.getLogger("test"))
+        req = request(40, 7)
+
+        def task(**kw: Any) -> PrefillTask:
+            return PrefillTask(**({"req": req, "decode_dp_rank": 1, "pair_key": "k", "tag": 3, "skip": 0,
+                                   "nbytes": 40 * 16, "prefill_instance": "inst"} | kw))
+
+        assert side.take_task(task(prefill_instance="old")) is None  # meant for a restarted instance
+        assert side.take_task(task(tag=-1)) is None
+        assert side.take_task(task(skip=40)) is None
+        assert side.take_task(task()) is req  # taken: the engine prefills it
+        assert side.take_task(task()) is None  # the same rid again
+        assert side.take_report() == [7]
+        await asyncio.gather(*spawned)
+        return bus
+
+    bus = asyncio.run(scenario())
+    dones = bus.of(PrefillDone)
+    assert [d.ok for d in dones] == [False] * 4
+    assert all(subject == Subjects().sched_kv(1) for subject, _ in bus.sent)
+    assert "restarted" in dones[0].message and "bad task" in dones[1].message and "already" in dones[3].message

@@ -34,6 +34,7 @@ class Pending:
     prefill_instance: str
     skip: int
     tag: int
+    nbytes: int  # the rows' size this rank expects
     peer: Peer
     started: float  # time.monotonic() the task was sent
     done: PrefillDone | None = None
@@ -81,7 +82,7 @@ class DecodeSide:
             return
         pending.done = msg
         if msg.ok:
-            pending.rx = self.transfer.receiver(pending.peer, msg.tag, msg.nbytes)
+            pending.rx = self.transfer.receiver(pending.peer, pending.tag, pending.nbytes)
             pending.rx.result.add_done_callback(lambda _: self.wake())
         self.wake()
 
@@ -123,7 +124,8 @@ class DecodeSide:
         tag = next(self.tags) % TAGS
         peer = self.peers[key] = Peer(rank.report.bootstrap_addr, key)
         self.transfer.connect(peer)  # set up while the prefill rank works
-        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, peer, time.monotonic())
+        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, nbytes, peer,
+                                        time.monotonic())
         task = PrefillTask(req=msg, decode_dp_rank=self.dp_rank, pair_key=key, tag=tag, skip=skip, nbytes=nbytes,
                            prefill_instance=prefill_instance)
         await self.bus.publish(self.subjects.sched_prefill(msg.prefill_dp_rank), task)

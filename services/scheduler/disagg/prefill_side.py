@@ -57,6 +57,8 @@ class PrefillSide:
             refusal = f"the task was for instance {msg.prefill_instance} of this rank, which restarted"
         elif rid in self.tasks:
             refusal = f"a prefill task for rid {rid!r} is already in progress here"
+        elif not (0 < msg.tag < 1 << 31 and 0 <= msg.skip < len(msg.req.input_ids) and msg.nbytes >= 0):
+            refusal = f"bad task: tag {msg.tag}, skip {msg.skip} of {len(msg.req.input_ids)}, nbytes {msg.nbytes}"
         if refusal is not None:
             self.log.warning("refused prefill task rid=%s: %s", rid, refusal)
             self.spawn(self._answer(msg, ok=False, message=refusal))
