@@ -244,14 +244,21 @@ def mooncake_prefill(plan: Plan, control_addr: str) -> dict[str, Any]:
         control.recv()  # done
         return time.perf_counter() - t0
 
+    result = drive(plan, transfer, digest_check(control, buf, "mooncake"))
+    control.send(op="bye")
+    return {**result, "start_s": [start_s, hello["start_s"]]}
+
+
+def digest_check(control: Any, buf: Any, backend: str) -> Any:
+    """drive's check for a backend that writes into the decode side's buffer: the decode side's
+    digest of the first nbytes against the sent bytes'."""
+
     def check(nbytes: int) -> None:
         control.send(op="digest", nbytes=nbytes)
         if control.recv()["digest"] != digest(memoryview(buf)[:nbytes]):
-            raise RuntimeError(f"mooncake: the {nbytes} bytes received differ from those sent")
+            raise RuntimeError(f"{backend}: the {nbytes} bytes received differ from those sent")
 
-    result = drive(plan, transfer, check)
-    control.send(op="bye")
-    return {**result, "start_s": [start_s, hello["start_s"]]}
+    return check
 
 
 # --- nixl: an agent with the UCX backend, DRAM to DRAM ---------------------------------------------
@@ -310,12 +317,7 @@ def nixl_prefill(plan: Plan, control_addr: str) -> dict[str, Any]:
         control.recv()  # done
         return time.perf_counter() - t0
 
-    def check(nbytes: int) -> None:
-        control.send(op="digest", nbytes=nbytes)
-        if control.recv()["digest"] != digest(memoryview(buf)[:nbytes]):
-            raise RuntimeError(f"nixl: the {nbytes} bytes received differ from those sent")
-
-    result = drive(plan, transfer, check)
+    result = drive(plan, transfer, digest_check(control, buf, "nixl"))
     control.send(op="bye")
     return {**result, "start_s": [start_s, hello["start_s"]]}
 
