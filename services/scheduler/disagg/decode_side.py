@@ -90,7 +90,8 @@ class DecodeSide:
         """Receives rows nobody waits for any more, so the prefill rank's send completes instead of
         timing out (which would break the pair under every other transfer on it)."""
         peer = self.peers.get(msg.pair_key)
-        if msg.ok and peer is not None:
+        most = self.engine.pool.size * self.engine.pool.row_bytes()  # no request of this rank ships more
+        if msg.ok and peer is not None and 0 < msg.tag < TAGS and 0 <= msg.nbytes <= most:
             self.transfer.receiver(peer, msg.tag, msg.nbytes)
 
     # --- requests --------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ class DecodeSide:
         prefill_instance = rank.report.instance_id
         key = self._pair_key(prefill_instance, rank.report.bootstrap_addr)
         nbytes = (len(req.input_ids) - skip) * self.engine.pool.row_bytes()
-        tag = next(self.tags) % TAGS
+        tag = next(self.tags) % (TAGS - 1) + 1  # 0 is the pair's canary
         peer = self.peers[key] = Peer(rank.report.bootstrap_addr, key)
         self.transfer.connect(peer)  # set up while the prefill rank works
         self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, nbytes, peer,
