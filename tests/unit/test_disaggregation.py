@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -317,3 +318,16 @@ def test_prefill_side_refuses_bad_or_stale_tasks_and_answers_each() -> None:
     assert [d.ok for d in dones] == [False] * 4
     assert all(subject == Subjects().sched_kv(1) for subject, _ in bus.sent)
     assert "restarted" in dones[0].message and "bad task" in dones[1].message and "already" in dones[3].message
+
+
+def test_a_constrained_request_keeps_its_grammar_across_the_move(rig: Rig) -> None:
+    def reqs() -> list[Req]:
+        return [make_req("g", list(range(20, 90)), regex="[0-9]{3}-[a-z]{2}", ignore_eos=False, max_new_tokens=20)]
+
+    colocated = run(rig.engine(), reqs())
+    prefill, decode = rig.engine(), rig.engine()
+    early, skips = prefill_remotely(prefill, decode, reqs(), clone_of(reqs()))
+    assert skips == {"g": 0}
+    done = finish(decode, early)
+    assert done["g"].all_ids == colocated["g"].all_ids
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", rig.tokenizer.decode(done["g"].all_ids, skip_special_tokens=True))
