@@ -317,6 +317,22 @@ class ServerArgs:
         """serve runs separate prefill and decode ranks (--prefill-dp-size / --decode-dp-size)."""
         return self.prefill_dp_size > 0 or self.decode_dp_size > 0
 
+    @property
+    def scheduler_processes(self) -> int:
+        """How many scheduler processes serve runs: tp_size with DP attention, else tp_size x
+        dp_size; with prefill and decode apart, the two sides' counts added, each side by its own
+        --*-tp-size / --*-enable-dp-attention (else the deployment's; in one side's scheduler,
+        --enable-dp-attention is that side's, so the other side's comes from its own flag only)."""
+        if not self.disaggregated:
+            return self.tp_size if self.enable_dp_attention else self.tp_size * self.dp_size
+        both = self.enable_dp_attention and self.disaggregation_mode == "null"
+        total = 0
+        for dp, tp, dpa in ((self.prefill_dp_size, self.prefill_tp_size, self.prefill_enable_dp_attention),
+                            (self.decode_dp_size, self.decode_tp_size, self.decode_enable_dp_attention)):
+            tp = tp or self.tp_size
+            total += tp if dpa or both else tp * dp
+        return total
+
     def _validate_disaggregation(self) -> None:
         if self.disaggregation_mode not in DISAGGREGATION_MODES:
             raise ValueError(f"unknown --disaggregation-mode {self.disaggregation_mode} ({' | '.join(DISAGGREGATION_MODES)})")
@@ -339,7 +355,7 @@ class ServerArgs:
         host, _, port = self.dist_init_addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, every node the same)")
-        ranks = self.tp_size if self.enable_dp_attention else self.tp_size * self.dp_size
+        ranks = self.scheduler_processes
         if ranks % self.nnodes:
             raise ValueError(f"--nnodes {self.nnodes} must divide the {ranks} scheduler ranks (each node an equal share)")
 

@@ -106,8 +106,10 @@ def serve_forever(args: ServerArgs) -> int:
     ranks = scheduler_ranks(args) if plan is None else node_ranks(args, plan)
     if args.torch_threads == 0:
         args = dataclasses.replace(args, torch_threads=max(1, (os.cpu_count() or 1) // max(1, len(ranks))))
-    if plan is not None and args.host == "127.0.0.1":  # nothing binds loopback across nodes
-        args = dataclasses.replace(args, host=plan.node_addr)
+    if plan is not None:  # nothing binds loopback across nodes (a prefill rank's KV transfer: --node-addr)
+        args = dataclasses.replace(args, node_addr=plan.node_addr)
+        if args.host == "127.0.0.1":
+            args = dataclasses.replace(args, host=plan.node_addr)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -5,7 +5,12 @@ them form one torch.distributed world (a restart group); on several nodes, this 
 With `--prefill-dp-size P --decode-dp-size D` the deployment has two sides, each laid out as a
 deployment of its own (its dp, tp and DP attention) in worlds of its own, so a failure on one side
 never restarts the other: the decode side serves global DP ranks [0, D), the prefill side [D, D+P).
-A scheduler gets its side's layout and its local DP rank; everything else counts P + D ranks."""
+A scheduler gets its side's layout and its local DP rank; everything else counts P + D ranks.
+On several nodes the two sides' processes form one list, the decode side's first, cut into equal
+shares like any deployment's (`nodes.node_of`): when the nodes split evenly between the sides,
+the first nodes run the decode side and the others the prefill side (P = D = 2 on 2 nodes: node 0
+decode-scheduler0, 1; node 1 prefill-scheduler2, 3); otherwise one node holds ranks of both. A
+world never spans the sides, whatever the placement, and node 0 decides every world's epochs."""
 
 from __future__ import annotations
 
@@ -71,8 +76,6 @@ def validate_sides(args: ServerArgs) -> None:
     if not args.disaggregated:
         return
     total = args.prefill_dp_size + args.decode_dp_size
-    if args.nnodes > 1:
-        raise ValueError(f"--prefill-dp-size / --decode-dp-size run on one node for now, not --nnodes {args.nnodes}")
     if args.dp_size not in (1, total):
         raise ValueError(f"--dp-size {args.dp_size} contradicts --prefill-dp-size {args.prefill_dp_size} + "
                          f"--decode-dp-size {args.decode_dp_size} ({total} DP ranks); leave --dp-size out")

@@ -4,7 +4,8 @@ Every node runs `dpserve serve` with the same layout flags, its own `--node-rank
 address in `--dist-init-addr`. From those alone each node derives the same plan:
 
 - **Placement.** The scheduler processes in SGLang's order (replica-major, tp rank minor; with DP
-  attention the one world's tp ranks) are cut into `nnodes` equal consecutive shares: process `g`
+  attention the one world's tp ranks; with prefill and decode apart, the decode side's and then
+  the prefill side's, `layout.py`) are cut into `nnodes` equal consecutive shares: process `g`
   of `P` runs on node `g * nnodes // P`. A world that spans nodes therefore gives node k its tp
   ranks `[k*T/N, (k+1)*T/N)`, and whenever a replica or an attention group fits in one node's share
   it stays inside that node (tp 4 dp 2 with DP attention on 2 nodes: each node holds one group).

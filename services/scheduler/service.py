@@ -118,7 +118,7 @@ class SchedulerService(Service):
         and its metrics."""
         args = self.args
         metrics = DisaggMetrics(self.dp_rank, self.mode)
-        host = args.node_addr or "127.0.0.1"
+        host = args.node_addr or "127.0.0.1"  # on several nodes serve passes the node's address (nodes.NodePlan)
         self.transfer = GlooTransferEngine(self.mode, host)
         if self.mode == "prefill":
             self.prefill_side = PrefillSide(self.bus, self.subjects, self.transfer, self.instance_id, metrics,

@@ -10,6 +10,8 @@ one-node layout is held to (test_tp_serving.py), so two nodes answer as one node
   store under the world's prefix);
 - tiny DeepSeek-V3 at tp 2 dp 2 with DP attention, one DP group per node, and at tp 4 dp 2, two
   ranks (one whole attention group) per node.
+- tiny Llama with prefill and decode apart, the decode rank on node 0 and the prefill rank on node
+  1: a long prompt's KV crosses between the namespaces, at the address node 1 advertises.
 `/get_server_info` names each DP rank's node. In every deployment, every TCP socket that listens
 in a node's namespace is bound to that node's address: a server left on 127.0.0.1 (or on the
 wildcard) fails the test. When node 1's nats-server dies, node 1's rank reconnects to node 0's
@@ -41,6 +43,7 @@ from services.launcher.tiny_model import create_tiny_model
 from tests.integration.client import generate, get, stream
 from tests.integration.failures import cmdline, loads, wait_loads
 from tests.integration.netns import Hosts, NamespacesUnavailable, listening
+from tests.integration.test_disaggregation import wait_metric
 from tests.integration.test_launcher import descendants
 from tests.integration.tp_reference import reference, wait_ranks
 
@@ -317,6 +320,24 @@ def test_deepseek_v3_tp4_dp2_two_ranks_per_node(deploy, models, all_refs) -> Non
         assert len([p for p in d.pids(k, python) if "services.scheduler" in cmdline(p)]) == 2
     assert_greedy(d.url, refs, range(2))
     assert_binds_node_addresses(d)
+
+
+def test_llama_prefill_on_node1_decode_on_node0(deploy, models) -> None:  # noqa: ANN001
+    """The decode side (DP rank 0) on node 0, the prefill side (DP rank 1) on node 1: a 300-token
+    prompt is prefilled on node 1 and its KV sent to node 0 over the pair the decode rank opens at
+    node 1's bootstrap address (node 1's own, resolved by its launcher: no --node-addr is given)."""
+    ((prompt, expected),) = reference(models["llama"], lengths=(300,), max_new=12)
+    d = deploy(models["llama"], "--prefill-dp-size", "1", "--decode-dp-size", "1",
+               "--disaggregation-min-prompt-tokens", "64")
+    wait_ranks(d.url, 2)
+    assert node_of_ranks(d.url) == {0: 0, 1: 1}
+    out = generate(d.url, input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True})
+    assert out["output_ids"] == expected
+    remote = wait_metric(d.url, "dpserve:prefill_requests_total", 1, mode="decode", where="remote")
+    assert remote >= 1, d.log_tail()  # prefilled on node 1, not on the decode rank
+    connected = re.findall(r"kv pair \S+ connected \(decode side, bootstrap ([\d.]+):\d+\)", d.log(0))
+    assert connected and set(connected) == {d.hosts.node_addr(1)}, d.log_tail()
+    assert_binds_node_addresses(d)  # the prefill rank's store too, never the wildcard
 
 
 def test_a_rank_that_keeps_dying_on_node1_ends_every_node(hosts: Hosts, models, tmp_path: Path) -> None:  # noqa: ANN001

@@ -1,6 +1,6 @@
 """serve with --prefill-dp-size / --decode-dp-size (services/launcher/layout.py): each side's
 schedulers in worlds of their own with the side's layout and local DP ranks, every other child
-counting both sides' ranks, and the layouts it refuses."""
+counting both sides' ranks, the layouts it refuses, and the sides' placement on several nodes."""
 
 from __future__ import annotations
 
@@ -10,16 +10,19 @@ from typing import Any
 
 import pytest
 
-from services.launcher import cli
+from services.launcher import cli, nodes
 from services.launcher.layout import (
     ATTN_TP_MESSAGE,
     deployment_args,
+    node_ranks,
+    node_worlds,
     process_name,
     scheduler_ranks,
     sides,
     validate_sides,
     world_of,
 )
+from services.launcher.nodes import NodePlan
 from services.launcher.startup import shape
 from shared.config import ServerArgs
 
@@ -106,13 +109,87 @@ def test_every_child_parses_its_flags_and_the_others_count_both_sides() -> None:
         ([*PD, "--prefill-tp-size", "2"], f"prefill side 1 DP x 2 TP: {ATTN_TP_MESSAGE}"),
         ([*PD, "--decode-tp-size", "4", "--decode-enable-dp-attention"], "decode side 2 DP x 4 TP with DP attention"),
         ([*PD, "--dp-size", "2"], "--dp-size 2 contradicts --prefill-dp-size 1 + --decode-dp-size 2"),
-        (["--prefill-dp-size", "1", "--decode-dp-size", "1", "--dp-size", "2", "--nnodes", "2", "--dist-init-addr",
-          "h:1"], "--prefill-dp-size / --decode-dp-size run on one node for now, not --nnodes 2"),
     ],
 )
 def test_layouts_serve_cannot_run_yet_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         validate_sides(ServerArgs.parse(flags))
+
+
+def two_nodes(*flags: str, node_rank: int = 0) -> ServerArgs:
+    """serve's args on node `node_rank` of 2 as the launcher hands them on (after `deployment_args`)."""
+    a = ServerArgs.parse(["--nnodes", "2", "--node-rank", str(node_rank), "--dist-init-addr", "10.9.0.1:29500",
+                          "--node-addr", "127.0.0.1", "--gloo-socket-ifname", "lo", *flags])
+    validate_sides(a)
+    return deployment_args(a)
+
+
+def placed(*flags: str) -> dict[int, list[tuple[str, object]]]:
+    """node -> its schedulers' (process name, rendezvous prefix or None)."""
+    out = {}
+    for k in (0, 1):
+        a = two_nodes(*flags, node_rank=k)
+        out[k] = [(process_name(a, r), r.get("dist_store_prefix")) for r in node_ranks(a, NodePlan.from_args(a))]
+    return out
+
+
+def test_on_two_nodes_the_decode_side_goes_to_node0_and_the_prefill_side_to_node1() -> None:
+    """The sides' processes in one list, decode first, cut in equal shares (`nodes.node_of`)."""
+    pd2 = ("--prefill-dp-size", "2", "--decode-dp-size", "2")
+    assert placed(*pd2) == {
+        0: [("decode-scheduler0", None), ("decode-scheduler1", None)],
+        1: [("prefill-scheduler2", None), ("prefill-scheduler3", None)],
+    }
+    assert node_worlds(two_nodes(*pd2), 0) == {}  # tp 1: no world to restart
+    # with DP attention, each side is one world of 2 ranks, on one node, under its own name
+    dpa = (*pd2, "--tp-size", "2", "--enable-dp-attention")
+    assert placed(*dpa) == {
+        0: [("decode-scheduler0-tp0", "decode-schedulers/0"), ("decode-scheduler1-tp1", "decode-schedulers/0")],
+        1: [("prefill-scheduler2-tp0", "prefill-schedulers/0"), ("prefill-scheduler3-tp1", "prefill-schedulers/0")],
+    }
+    assert node_worlds(two_nodes(*dpa), 0) == {"decode-schedulers": {0}, "prefill-schedulers": {1}}  # node 0: all
+    assert node_worlds(two_nodes(*dpa, node_rank=1), 1) == {"prefill-schedulers": {1}}
+    a = two_nodes(*dpa)
+    for world in ("decode-schedulers", "prefill-schedulers"):
+        modes = {r["disaggregation_mode"] for r in scheduler_ranks(a) if world_of(a, r) == world}
+        assert modes == {world.split("-")[0]}  # no world spans both sides
+
+
+def test_sides_that_do_not_split_evenly_share_a_node() -> None:
+    assert placed("--prefill-dp-size", "1", "--decode-dp-size", "3") == {
+        0: [("decode-scheduler0", None), ("decode-scheduler1", None)],
+        1: [("decode-scheduler2", None), ("prefill-scheduler3", None)],
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "processes"),
+    [
+        (["--prefill-dp-size", "1", "--decode-dp-size", "1"], 2),
+        (["--prefill-dp-size", "2", "--decode-dp-size", "2"], 4),
+        (["--prefill-dp-size", "2", "--decode-dp-size", "2", "--tp-size", "2", "--enable-dp-attention"], 4),
+        (["--prefill-dp-size", "1", "--decode-dp-size", "2", "--decode-tp-size", "2", "--decode-enable-dp-attention"], 3),
+        (["--prefill-dp-size", "1", "--decode-dp-size", "2"], 3),
+    ],
+)
+def test_nnodes_must_divide_both_sides_scheduler_processes(flags: list[str], processes: int) -> None:
+    """Not tp x dp (--dp-size, if given, is P + D, and the sides have a tp size each)."""
+    assert ServerArgs.parse(flags).scheduler_processes == processes
+    multi = ["--nnodes", "2", "--dist-init-addr", "h:1"]
+    if processes % 2:
+        with pytest.raises(ValueError, match=f"--nnodes 2 must divide the {processes} scheduler ranks"):
+            ServerArgs.parse([*multi, *flags])
+    else:
+        ServerArgs.parse([*multi, *flags])
+
+
+def test_every_scheduler_of_either_side_counts_the_same_processes() -> None:
+    """A child parses the flags again: a decode scheduler with DP attention still counts the
+    prefill side by the prefill side's own flags (its --enable-dp-attention is its side's)."""
+    a = two_nodes("--prefill-dp-size", "2", "--decode-dp-size", "2", "--decode-tp-size", "2",
+                  "--decode-enable-dp-attention")
+    children = [ServerArgs.parse(a.to_cli(**r)) for r in scheduler_ranks(a)] + [ServerArgs.parse(a.to_cli())]
+    assert [c.scheduler_processes for c in children] == [4, 4, 4, 4, 4]
 
 
 def test_refusal_message_says_why() -> None:
@@ -164,6 +241,28 @@ def test_serve_waits_for_both_sides_and_hands_the_total_to_the_other_children(
     assert (prefill.disaggregation_mode, prefill.dp_size, prefill.dp_rank_base, prefill.dp_rank) == ("prefill", 1, 2, 0)
     out = capsys.readouterr().out
     assert "(dp_size=3)" in out and "ranks        decode 2 DP x 1 TP, prefill 1 DP x 1 TP" in out
+
+
+def test_on_node1_of_2_serve_gives_its_schedulers_the_node_address_it_resolved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --node-addr the launcher binds the route's source address; the prefill ranks'
+    KV transfer binds and advertises the same one, never 127.0.0.1."""
+    sups: list[FakeSupervisor] = []
+    monkeypatch.setattr(cli, "Supervisor", lambda n: sups.append(FakeSupervisor(n)) or sups[-1])
+    monkeypatch.setattr(cli, "resolve_model_path", lambda path: path)
+    monkeypatch.setattr(cli, "start_node", lambda sup, args, plan: None)
+    monkeypatch.setattr(cli, "WorldCoordinator", lambda *a: None)
+    monkeypatch.setattr(cli, "supervise", lambda sup, stopping, coordinator: 0)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    monkeypatch.setattr(nodes, "route_source_addr", lambda host: "10.9.0.2")
+    args = ServerArgs.parse(["--prefill-dp-size", "1", "--decode-dp-size", "1", "--nnodes", "2", "--node-rank", "1",
+                             "--dist-init-addr", "10.9.0.1:29500", "--gloo-socket-ifname", "lo",
+                             "--nats-url", "nats://10.9.0.1:4222", "--model-path", "m"])
+    assert cli.serve_forever(args) == 0
+    (name, argv, _), = sups[0].children
+    child = ServerArgs.parse(argv[3:])
+    assert (name, child.disaggregation_mode, child.node_addr) == ("prefill-scheduler1", "prefill", "10.9.0.2")
 
 
 def test_serve_refuses_a_layout_before_it_starts_anything(

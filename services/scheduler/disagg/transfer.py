@@ -11,10 +11,10 @@ the prefill rank's queue. Both are polled with SGLang's states:
 
 `GlooTransferEngine` is torch.distributed's gloo point-to-point over TCP (as vLLM's P2P connector
 uses NCCL on GPUs): one two-process group per (decode instance, prefill instance, generation),
-met at a TCPStore the prefill rank hosts (its bootstrap address, advertised in its load reports);
-the request's tag tells its rows apart on the pair. A peer that dies fails every transfer on the
-pair at once (gloo sees the connection close). NATS never carries KV: its payload limit (1 MB by
-default) and at-most-once delivery are wrong for bulk data.
+met at a TCPStore the prefill rank hosts on its node's address (its bootstrap address, advertised
+in its load reports); the request's tag tells its rows apart on the pair. A peer that dies fails
+every transfer on the pair at once (gloo sees the connection close). NATS never carries KV: its
+payload limit (1 MB by default) and at-most-once delivery are wrong for bulk data.
 
 `FakeTransferEngine` moves rows inside one process, for unit tests.
 """
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from services.launcher.rendezvous import listen
 
 log = logging.getLogger("scheduler.transfer")
 
@@ -158,9 +160,13 @@ class GlooTransferEngine(TransferEngine):
         self._stores: dict[str, dist.TCPStore] = {}
         self._lock = threading.Lock()
         self._store: dist.TCPStore | None = None
-        if role == "prefill":
-            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
-            self.bootstrap_addr = f"{host}:{self._store.port}"
+        if role == "prefill":  # the store listens on `host` only: TCPStore alone binds every interface
+            self._listener = listen(host, 0)
+            port = self._listener.getsockname()[1]
+            self._store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                        timeout=self.timeout, master_listen_fd=self._listener.fileno(),
+                                        use_libuv=False)
+            self.bootstrap_addr = f"{host}:{port}"
 
     @staticmethod
     def _thread(fn: Callable[..., None], *args: object) -> None:
