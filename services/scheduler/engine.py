@@ -31,6 +31,8 @@ from shared.messages import DETOK_CONTEXT, FinishReason, TokenOutput
 
 log = logging.getLogger("scheduler.engine")
 
+FULL_POOL_CHECK_MAX = 1 << 20  # slots: larger pools skip the allocator's O(size) scan at idle
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -159,10 +161,15 @@ class Engine:
         self.cache.assert_invariants(self._holders())
 
     def assert_idle_invariants(self) -> None:
-        """With nothing running, every slot is free or cached, and nothing is locked."""
+        """With nothing running, every slot is free or cached, and nothing is locked. The
+        allocator's own scan is O(pool size) (1.75 s at 27.5M slots here), so it runs only on pools
+        of up to FULL_POOL_CHECK_MAX slots: a rank with a large pool (a GPU's millions of tokens, a
+        simulated one's hundreds of millions) would stall each time it goes idle, long enough to
+        miss its heartbeats."""
         assert not self.has_work
         self.cache.assert_invariants([])
-        self.pool.assert_invariants()
+        if self.pool.size <= FULL_POOL_CHECK_MAX:
+            self.pool.assert_invariants()
         assert self.cache.used_by_requests == 0, self.cache.used_by_requests
 
     def flush_cache(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from services.detokenizer import IncrementalDecoder, detokenize_batch
+from services.scheduler import engine as engine_module
 from services.scheduler.engine import Engine, EngineConfig
 from services.scheduler.model import KVPool, load_model
 from services.scheduler.request import Req
@@ -352,3 +353,14 @@ def test_no_stop_trim_reaches_the_text(rig: Rig, tiny_model: Path, no_stop_trim:
         assert final.finish is not None and final.finish.matched == stop
         assert final.full_text == "".join(t.text for t in texts) == expect
         assert [i for t in texts for i in t.new_ids] == cut
+
+
+def test_idle_check_scans_the_allocator_only_on_pools_it_can_afford(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = rig.engine(pool=512)
+    run(engine, [make_req("a", [5, 6, 7])])
+    scans: list[int] = []
+    monkeypatch.setattr(engine.pool, "assert_invariants", lambda: scans.append(engine.pool.size))
+    engine.assert_idle_invariants()
+    monkeypatch.setattr(engine_module, "FULL_POOL_CHECK_MAX", 511)  # the pool is now "large"
+    engine.assert_idle_invariants()
+    assert scans == [512]  # the O(size) scan ran once, on the pool within the limit
