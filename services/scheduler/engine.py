@@ -261,9 +261,7 @@ class Engine:
         self.cache.admit(req, n - 1)
         skip = req.cached_len
         if n - skip > self.cache.available - self.decode.reserve():
-            self.cache.release(req, keep=False)
-            req.cached_len = 0
-            self.prefill.add(req)
+            self.prefill.unadmit(req)
             return None
         slots = self.cache.alloc(n - skip)
         assert slots is not None
@@ -299,9 +297,7 @@ class Engine:
         """Decode rank: the rows will not come. The reserved slots are freed and the request waits
         to be prefilled here, like any other."""
         del self.transferring[req.rid]
-        self.cache.release(req, keep=False)
-        req.cached_len = 0
-        self.prefill.put_back(req)
+        self.prefill.unadmit(req)
 
     def take_shipped(self) -> list[Req]:
         """Prefill rank: the requests whose rows the last update exported."""

@@ -100,7 +100,7 @@ class PrefillManager:
                 n = room if (chunk is not None or first) else 0
             if n <= 0:
                 if req.cached_len == req.tree_len:
-                    self._unadmit(req)  # nothing of its own yet: back to waiting
+                    self.unadmit(req)  # nothing of its own yet: back to waiting
                 else:
                     self.chunked = req  # keeps its fed part; tries again next step
                 break
@@ -120,8 +120,9 @@ class PrefillManager:
                 break
         return picked
 
-    def _unadmit(self, req: Req) -> None:
-        """Undo `admit` for a request that got no room this step (its cache match is dropped)."""
+    def unadmit(self, req: Req) -> None:
+        """Undo `admit` for a request that got no room (its cache match and own slots are dropped): back
+        to waiting, by its arrival."""
         if req.row >= 0:
             self.cache.release(req, keep=False)
         req.cached_len = 0

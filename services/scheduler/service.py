@@ -243,14 +243,9 @@ class SchedulerService(Service):
         if self.prefill_side is not None:
             self.prefill_side.mark(reqs)
         for req, msg in zip(reqs, inputs.reqs, strict=True):
-            if self.decode_side is None:
-                self.engine.add(req)
-                continue
-            req.prefill_where = "local"  # until a prefill rank's KV is installed
-            if msg.prefill_dp_rank is not None:
+            if self.decode_side is not None:
                 await self.decode_side.add(req, msg)
             else:
-                self.decode_side.metrics.prefills["local"] += 1
                 self.engine.add(req)
         installed = self.decode_side.poll() if self.decode_side is not None else []
         await self.emit(installed)  # the first tokens of requests a prefill rank prefilled
@@ -272,8 +267,9 @@ class SchedulerService(Service):
             self.engine.assert_idle_invariants()
         if self.is_leader:  # a follower waits in its next share_inputs
             wait = self.world.idle_wait_s(self.args.dist_timeout)
-            if self.decode_side is not None and self.decode_side.waiting_s is not None:
-                wait = min(wait or self.decode_side.waiting_s, self.decode_side.waiting_s)
+            poll = self.decode_side.waiting_s if self.decode_side is not None else None
+            if poll is not None:  # transfers pending: poll them soon
+                wait = poll if wait is None else min(wait, poll)
             await self.inbox.wait(wait)
 
     async def emit(self, outputs: list[TokenOutput]) -> None:

@@ -103,8 +103,13 @@ class DecodeSide:
         return rank
 
     async def add(self, req: Req, msg: TokenizedRequest) -> None:
-        """A request with a prefill rank: reserved here and sent there, else prefilled here."""
-        assert msg.prefill_dp_rank is not None
+        """A request with a prefill rank: reserved here and sent there; without one (or when that
+        cannot be), prefilled here."""
+        req.prefill_where = "local"  # until a prefill rank's KV is installed
+        if msg.prefill_dp_rank is None:
+            self.metrics.prefills["local"] += 1
+            self.engine.add(req)
+            return
         rank = self._live(msg.prefill_dp_rank)
         if rank is None:
             self._count_failure("unknown_prefill_rank", req, f"prefill rank {msg.prefill_dp_rank} is not live")
