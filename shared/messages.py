@@ -160,6 +160,8 @@ class TokenizedRequest(Struct, kw_only=True, omit_defaults=True):
     # disaggregation (set by the dispatcher): the prefill rank that computes this prompt's KV and first
     # token for the decode rank it is sent to; None: the rank prefills it itself
     prefill_dp_rank: int | None = None
+    prefill_bootstrap: str = ""  # that rank's bootstrap address, from its latest load report
+    prefill_instance: str = ""  # and its instance
 
 
 # --- scheduler leader -> detokenizer --------------------------------------------------------

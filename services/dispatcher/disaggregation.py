@@ -69,10 +69,14 @@ class Disaggregation:
             return self._decide(req, None, "prefill_queue_full")
         self.tree.insert(req.input_ids, best.dp_rank)
         self.tasks.setdefault(best.dp_rank, {})[req.dispatch_id] = (len(req.input_ids), self.clock())
+        req.prefill_bootstrap = best.report.bootstrap_addr if best.report else ""
+        req.prefill_instance = best.instance_id
         return self._decide(req, best.dp_rank, reason)
 
     def _decide(self, req: TokenizedRequest, dp_rank: int | None, reason: str) -> int | None:
         req.prefill_dp_rank = dp_rank
+        if dp_rank is None:
+            req.prefill_bootstrap = req.prefill_instance = ""
         self.decisions["local" if dp_rank is None else "remote", reason] += 1
         return dp_rank
 

@@ -96,11 +96,14 @@ class DecodeSide:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def _live(self, dp_rank: int) -> PrefillRank | None:
+    def _lost(self, dp_rank: int, instance: str) -> bool:
+        """Whether that prefill instance is gone: its reports stopped, or another instance reports
+        for its rank. One this rank has not heard of yet is not (the dispatcher has; the pair's
+        canary tells a dead one)."""
         rank = self.prefill_ranks.get(dp_rank)
-        if rank is None or time.monotonic() - rank.seen > self.dead_after_s:
-            return None
-        return rank
+        if rank is None:
+            return False
+        return time.monotonic() - rank.seen > self.dead_after_s or rank.report.instance_id != instance
 
     async def add(self, req: Req, msg: TokenizedRequest) -> None:
         """A request with a prefill rank: reserved here and sent there; without one (or when that
@@ -110,8 +113,8 @@ class DecodeSide:
             self.metrics.prefills["local"] += 1
             self.engine.add(req)
             return
-        rank = self._live(msg.prefill_dp_rank)
-        if rank is None:
+        prefill_instance, addr = msg.prefill_instance, msg.prefill_bootstrap
+        if not addr or self._lost(msg.prefill_dp_rank, prefill_instance):
             self._count_failure("unknown_prefill_rank", req, f"prefill rank {msg.prefill_dp_rank} is not live")
             self.engine.add(req)
             return
@@ -124,11 +127,10 @@ class DecodeSide:
             self.engine.prefill_locally(req)
             self.metrics.prefills["local"] += 1
             return
-        prefill_instance = rank.report.instance_id
-        key = self._pair_key(prefill_instance, rank.report.bootstrap_addr)
+        key = self._pair_key(prefill_instance, addr)
         nbytes = (len(req.input_ids) - skip) * self.engine.pool.row_bytes()
         tag = next(self.tags) % (TAGS - 1) + 1  # 0 is the pair's canary
-        peer = self.peers[key] = Peer(rank.report.bootstrap_addr, key)
+        peer = self.peers[key] = Peer(addr, key)
         self.transfer.connect(peer)  # set up while the prefill rank works
         self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, nbytes, peer,
                                         time.monotonic())
@@ -184,8 +186,7 @@ class DecodeSide:
             return "refused", f"prefill rank {p.prefill_dp_rank}: {p.done.message}"
         if now - p.started >= self.timeout_s:
             return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
-        rank = self._live(p.prefill_dp_rank)
-        if p.rx is None and (rank is None or rank.report.instance_id != p.prefill_instance):
+        if p.rx is None and self._lost(p.prefill_dp_rank, p.prefill_instance):
             return "prefill_rank_lost", f"prefill rank {p.prefill_dp_rank} stopped reporting or restarted"
         return None
 
