@@ -207,13 +207,16 @@ class SchedulerService(Service):
             raise
 
     async def _steps(self) -> None:
+        stepped = False  # a step ran since the last idle pass
         while True:
             changed = await self._absorb()
             plan = self.engine.schedule()
             counts = await self.world.gather_counts(plan)
             if not any(counts):
-                await self._idle(changed)
+                await self._idle(changed or stepped)
+                stepped = False
                 continue
+            stepped = True
             try:
                 result = await self.world.forward(plan, counts)
             except WorldBroken:
@@ -258,7 +261,10 @@ class SchedulerService(Service):
         return bool(reqs or inputs.aborts or installed)
 
     async def _idle(self, changed: bool) -> None:
-        """No group has work: report what ended outside a step, then (leader) wait for input."""
+        """No group has work: report what ended outside a step, or that the rank just went idle (its
+        last steps' reports may have been skipped under MIN_REPORT_GAP, and the dispatcher would
+        count the requests they finished as running until the next heartbeat), then (leader) wait
+        for input."""
         outputs = self.engine.drain_finished_early()
         await self.emit(outputs)
         if changed or outputs:

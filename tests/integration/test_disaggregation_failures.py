@@ -192,13 +192,18 @@ def test_decode_rank_killed_while_decoding_a_shipped_prompt(server: Any) -> None
     before = ready(server)
     long = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}
     expected = reference(server, 2, "pd-decode-ref", long)
+    ready(server)  # the rank that served it reports idle, so the stream is placed on idle ranks
     prefill_instance = before[PREFILL]["instance_id"]
     shipped = metric(server.url, "dpserve:kv_transfer_bytes_total", mode="prefill", instance=prefill_instance)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(stream, server.url, input_ids=prompt(2), sampling_params=long, rid="pd-decode")
-        now = wait_loads(server.url, "a decode rank decoding it",
-                         lambda ls: any(ls[r]["accepted_requests"] >= ls[r]["num_running"] >= 1 for r in DECODE), 20)
-        rank = next(r for r in DECODE if now[r]["num_running"] >= 1)
+        # the rank the dispatcher has it accepted on (its only request), and decoding it there
+        def decoding(ls: dict[int, dict[str, Any]]) -> list[int]:
+            return [r for r in DECODE if ls[r]["accepted_requests"] >= 1 and ls[r]["num_running"] >= 1]
+
+        now = wait_loads(server.url, "a decode rank decoding it", decoding, 20)
+        (rank,) = decoding(now)
+        print(f"killing decode rank {rank}, which runs it: {now[rank]}")
         (pid,) = service_pids(server.proc.pid, "services.scheduler", disaggregation_mode="decode", dp_rank=str(rank))
         os.kill(pid, signal.SIGKILL)
         events = future.result(timeout=120)

@@ -42,3 +42,23 @@ def test_every_method_completes_all_requests(server_factory, method: str) -> Non
     assert sorted(r["dp_rank"] for r in loads["ranks"]) == [0, 1]
     for r in loads["ranks"]:
         assert r["status"] == "live" and r["in_flight_requests"] == 0 and r["accepted_requests"] == 0, r
+
+
+def test_a_rank_reports_going_idle_at_once_not_at_its_next_heartbeat(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The last steps of a request run faster than MIN_REPORT_GAP, so their reports are skipped; the
+    rank reports when it goes idle, or the dispatcher would count the finished request as running
+    (and place the next one elsewhere) until the next heartbeat, 5 s here."""
+    server = server_factory("--heartbeat-interval", "5", "--dead-rank-timeout", "30")
+    for i in range(5):
+        out = generate(server.url, text=f"count to {i}", sampling_params={"temperature": 0, "max_new_tokens": 24,
+                                                                          "ignore_eos": True})
+        assert out["meta_info"]["completion_tokens"] == 24
+        t0 = time.monotonic()
+        while True:
+            status, loads = get(server.url + "/get_loads")
+            assert status == 200, loads
+            (rank,) = loads["ranks"]
+            if rank["accepted_requests"] == rank["num_running"] == rank["kv_used"] == 0:
+                break
+            assert time.monotonic() - t0 < 2, f"request {i}: the rank still reports it running: {rank}"
+            time.sleep(0.05)
