@@ -25,6 +25,7 @@ import datetime
 import enum
 import logging
 import threading
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,13 +34,31 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from services.launcher.nodes import route_source_addr
 from services.launcher.rendezvous import listen
+from shared.bounded import BoundedDict
+from shared.bus import server_list
 
 log = logging.getLogger("scheduler.transfer")
 
 CONNECT_TIMEOUT_S = 10.0  # a decode rank reaching a prefill rank's store
 PAIR_TIMEOUT_S = 300.0  # a pair's setup, or one request's rows from posted to moved
+BROKEN_PAIRS = 4096  # broken pairs remembered (by then the ranks that used them moved on to new ones)
 FOREVER = datetime.timedelta(days=365)
+
+
+def bootstrap_host(node_addr: str, nats_url: str) -> str:
+    """The address a prefill rank advertises to decode ranks: --node-addr, else the local address
+    on its route to the bus (127.0.0.1 on one host; its own address in a compose network, where
+    the decode ranks reach it as they reach the bus)."""
+    if node_addr:
+        return node_addr
+    first = urllib.parse.urlsplit(server_list(nats_url or "nats://127.0.0.1:4222")[0])
+    try:
+        return route_source_addr(first.hostname or "127.0.0.1")
+    except OSError as e:
+        log.warning("no route to the bus at %s (%s): advertising 127.0.0.1", first.hostname, e)
+        return "127.0.0.1"
 
 
 class KVPoll(enum.IntEnum):
@@ -141,10 +160,12 @@ class TransferEngine(ABC):
 
 class GlooTransferEngine(TransferEngine):
     """Each blocking gloo call waits in a daemon thread of its own (a process never waits for
-    them at exit). The decode side keeps a receive posted on every pair under CANARY_TAG, which
-    is never sent: it fails the moment the prefill rank's process dies, so `broken` says so even
-    while no rows are moving. Waits pass their own timeout: a pair's default timeout would end a
-    wait that is only long, and gloo closes a pair whose operation timed out."""
+    them at exit). Both sides keep a receive posted on every pair under CANARY_TAG, which is never
+    sent: it fails the moment the other process dies, so `broken` says so even while no rows are
+    moving, and the pair is dropped (a prefill rank keeps no pair of a decode rank that died, a
+    decode rank no store client of a prefill rank that died). Waits pass their own timeout: a
+    pair's default timeout would end a wait that is only long, and gloo closes a pair whose
+    operation timed out."""
 
     PREFILL, DECODE = 0, 1  # ranks within a pair
     CANARY_TAG = 0  # request tags start at 1
@@ -156,15 +177,17 @@ class GlooTransferEngine(TransferEngine):
         self.host = host
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self._pairs: dict[str, Future[dist.ProcessGroupGloo]] = {}
-        self._broken: dict[str, str] = {}  # pair key -> why
+        self._broken: BoundedDict[str, str] = BoundedDict(BROKEN_PAIRS)  # pair key -> why
         self._stores: dict[str, dist.TCPStore] = {}
         self._lock = threading.Lock()
         self._store: dist.TCPStore | None = None
         if role == "prefill":  # the store listens on `host` only: TCPStore alone binds every interface
-            self._listener = listen(host, 0)
-            port = self._listener.getsockname()[1]
+            listener = listen(host, 0)
+            port = listener.getsockname()[1]
+            # the store owns the socket from here (it closes it): a Python socket object closing the
+            # same fd again later would close whatever reused the number
             self._store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
-                                        timeout=self.timeout, master_listen_fd=self._listener.fileno(),
+                                        timeout=self.timeout, master_listen_fd=listener.detach(),
                                         use_libuv=False)
             self.bootstrap_addr = f"{host}:{port}"
 
@@ -195,19 +218,19 @@ class GlooTransferEngine(TransferEngine):
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # this rank's address
             pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer.key}", store), rank, 2, options)
         except Exception as e:  # noqa: BLE001 - the peer is gone or unreachable
-            self._break(peer.key, f"connecting to {peer.addr} failed: {e}")
+            self._break(peer, f"connecting to {peer.addr} failed: {e}")
             pair.set_exception(e)
             return
         log.info("kv pair %s connected (%s side, bootstrap %s)", peer.key, self.role, peer.addr)
         pair.set_result(pg)
-        if self.role == "decode":
-            self._canary(peer.key, pg)
+        self._canary(peer, pg)
 
-    def _canary(self, key: str, pg: dist.ProcessGroupGloo) -> None:
+    def _canary(self, peer: Peer, pg: dist.ProcessGroupGloo) -> None:
+        other = ("decode", self.DECODE) if self.role == "prefill" else ("prefill", self.PREFILL)
         try:
-            pg.recv([torch.empty(1, dtype=torch.uint8)], self.PREFILL, self.CANARY_TAG).wait(FOREVER)
+            pg.recv([torch.empty(1, dtype=torch.uint8)], other[1], self.CANARY_TAG).wait(FOREVER)
         except Exception as e:  # noqa: BLE001
-            self._break(key, f"the prefill rank's end of the pair closed: {e}")
+            self._break(peer, f"the {other[0]} rank's end of the pair closed: {e}")
 
     def _decode_store(self, addr: str) -> dist.TCPStore:
         with self._lock:
@@ -220,11 +243,15 @@ class GlooTransferEngine(TransferEngine):
                 self._stores[addr] = store
         return store
 
-    def _break(self, key: str, why: str) -> None:
-        """A pair that failed is never used again (a new one gets a new key)."""
+    def _break(self, peer: Peer, why: str) -> None:
+        """A pair that failed is never used again (a new one gets a new key); on the decode side
+        its store client goes too (a rank has one pair per prefill instance)."""
         with self._lock:
-            self._pairs.pop(key, None)
-            self._broken.setdefault(key, why)
+            self._pairs.pop(peer.key, None)
+            if peer.key not in self._broken:
+                self._broken[peer.key] = why
+            if self.role == "decode":
+                self._stores.pop(peer.addr, None)
 
     def broken(self, peer: Peer) -> str:
         with self._lock:
@@ -252,7 +279,7 @@ class GlooTransferEngine(TransferEngine):
             if rx.nbytes:
                 pg.recv([rx.buffer], self.PREFILL, tag).wait(self.timeout)
         except Exception as e:  # noqa: BLE001 - any failure of the pair fails the transfer
-            self._break(peer.key, str(e))
+            self._break(peer, str(e))
             rx.fail(f"receiving from {peer.addr} failed: {e}")
             return
         rx._set(KVPoll.SUCCESS)
@@ -269,7 +296,7 @@ class GlooTransferEngine(TransferEngine):
             if rows.numel():
                 pg.send([rows], self.DECODE, tag).wait(self.timeout)
         except Exception as e:  # noqa: BLE001
-            self._break(peer.key, str(e))
+            self._break(peer, str(e))
             tx.fail(f"sending to pair {peer.key} failed: {e}")
             return
         tx._set(KVPoll.SUCCESS)
