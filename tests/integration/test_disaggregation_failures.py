@@ -172,8 +172,8 @@ def test_prefill_rank_killed_mid_transfer(server: Any) -> None:
     assert out["output_ids"] == expected
     reason = local_prefill_reason(server, "pd-killed")
     assert reason is not None, server.log()[-3000:]
-    # the pair broke (its canary receive saw the connection close), or the rank restarted before that showed
-    assert "broke" in reason or "stopped reporting or restarted" in reason, reason
+    # the pair broke (its canary receive saw the connection close), or its reports stopped before that showed
+    assert "broke" in reason or "stopped reporting" in reason, reason
     print(f"the killed prefill rank's request: prefilled locally: {reason}")
     deadline = time.monotonic() + 10  # metrics come in snapshots, one a second
     while failures(server, "transfer", "prefill_rank_lost") < broke + 1:

@@ -20,11 +20,13 @@ from services.scheduler.disagg.metrics import DisaggMetrics
 from services.scheduler.disagg.transfer import KVPoll, KVReceiver, Peer, TransferEngine
 from services.scheduler.engine import Engine
 from services.scheduler.request import Req
+from shared.bounded import BoundedDict
 from shared.bus import Bus
 from shared.messages import LoadReport, PrefillDone, PrefillTask, TokenizedRequest, TokenOutput
 from shared.subjects import Subjects
 
 TAGS = 1 << 31  # gloo tags are 32-bit
+PREFILL_INSTANCES = 1024  # prefill instances whose reports this rank remembers (forged ones must not grow it)
 
 
 @dataclass
@@ -39,12 +41,6 @@ class Pending:
     started: float  # time.monotonic() the task was sent
     done: PrefillDone | None = None
     rx: KVReceiver | None = None  # posted when the PrefillDone says the rows are coming
-
-
-@dataclass
-class PrefillRank:
-    report: LoadReport
-    seen: float  # time.monotonic() of its last report
 
 
 class DecodeSide:
@@ -63,17 +59,19 @@ class DecodeSide:
         self.metrics = metrics
         self.wake = wake  # thread-safe: the step loop runs again (an idle leader waits for input)
         self.log = log
-        self.prefill_ranks: dict[int, PrefillRank] = {}
+        self.heard: BoundedDict[str, float] = BoundedDict(PREFILL_INSTANCES)  # prefill instance -> its last report
         self.pending: dict[str, Pending] = {}
         self.tags = itertools.count(1)
-        self.generations: dict[str, int] = {}  # prefill instance -> its current pair's generation
-        self.peers: dict[str, Peer] = {}  # pair key -> the pair (rows of a request given up are drained)
+        # prefill instance -> its current pair's generation; pair key -> the pair (rows of a request
+        # given up are drained on it). Bounded: restarted prefill ranks leave entries behind
+        self.generations: BoundedDict[str, int] = BoundedDict(PREFILL_INSTANCES)
+        self.peers: BoundedDict[str, Peer] = BoundedDict(PREFILL_INSTANCES)
 
     # --- bus handlers ----------------------------------------------------------------------------
 
     async def on_load(self, report: LoadReport) -> None:
-        if report.mode == "prefill" and report.bootstrap_addr:
-            self.prefill_ranks[report.dp_rank] = PrefillRank(report, time.monotonic())
+        if report.mode == "prefill" and report.instance_id:
+            self.heard[report.instance_id] = time.monotonic()
 
     async def on_done(self, msg: PrefillDone) -> None:
         pending = self.pending.get(msg.rid)
@@ -96,14 +94,13 @@ class DecodeSide:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def _lost(self, dp_rank: int, instance: str) -> bool:
-        """Whether that prefill instance is gone: its reports stopped, or another instance reports
-        for its rank. One this rank has not heard of yet is not (the dispatcher has; the pair's
-        canary tells a dead one)."""
-        rank = self.prefill_ranks.get(dp_rank)
-        if rank is None:
-            return False
-        return time.monotonic() - rank.seen > self.dead_after_s or rank.report.instance_id != instance
+    def _lost(self, instance: str) -> bool:
+        """Whether that prefill instance stopped reporting. One this rank has not heard of is not
+        lost (the dispatcher named it, having heard it; the pair's canary tells a dead one). Reports
+        of other instances for its rank change nothing: a restarted rank's old instance stops
+        reporting, and a forged report must not fail a live one."""
+        seen = self.heard.get(instance)
+        return seen is not None and time.monotonic() - seen > self.dead_after_s
 
     async def add(self, req: Req, msg: TokenizedRequest) -> None:
         """A request with a prefill rank: reserved here and sent there; without one (or when that
@@ -114,7 +111,7 @@ class DecodeSide:
             self.engine.add(req)
             return
         prefill_instance, addr = msg.prefill_instance, msg.prefill_bootstrap
-        if not addr or self._lost(msg.prefill_dp_rank, prefill_instance):
+        if not addr or self._lost(prefill_instance):
             self._count_failure("unknown_prefill_rank", req, f"prefill rank {msg.prefill_dp_rank} is not live")
             self.engine.add(req)
             return
@@ -186,8 +183,8 @@ class DecodeSide:
             return "refused", f"prefill rank {p.prefill_dp_rank}: {p.done.message}"
         if now - p.started >= self.timeout_s:
             return "timeout", f"no KV from prefill rank {p.prefill_dp_rank} after {self.timeout_s:.0f}s"
-        if p.rx is None and self._lost(p.prefill_dp_rank, p.prefill_instance):
-            return "prefill_rank_lost", f"prefill rank {p.prefill_dp_rank} stopped reporting or restarted"
+        if p.rx is None and self._lost(p.prefill_instance):
+            return "prefill_rank_lost", f"prefill rank {p.prefill_dp_rank} stopped reporting"
         return None
 
     def _count_failure(self, reason: str, req: Req, message: str) -> None:
