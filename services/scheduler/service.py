@@ -29,7 +29,7 @@ import torch
 from services.scheduler.disagg.decode_side import DecodeSide
 from services.scheduler.disagg.metrics import DisaggMetrics
 from services.scheduler.disagg.prefill_side import PrefillSide
-from services.scheduler.disagg.transfer import GlooTransferEngine, TransferEngine
+from services.scheduler.disagg.transfer import GlooTransferEngine, TransferEngine, bootstrap_host
 from services.scheduler.dispatcher_client import MIN_REPORT_GAP, DispatcherClient
 from services.scheduler.dist_sync import WorldBroken
 from services.scheduler.engine import Engine
@@ -118,8 +118,7 @@ class SchedulerService(Service):
         and its metrics."""
         args = self.args
         metrics = DisaggMetrics(self.dp_rank, self.mode)
-        host = args.node_addr or "127.0.0.1"  # on several nodes serve passes the node's address (nodes.NodePlan)
-        self.transfer = GlooTransferEngine(self.mode, host)
+        self.transfer = GlooTransferEngine(self.mode, bootstrap_host(args.node_addr, args.nats_url))
         if self.mode == "prefill":
             self.prefill_side = PrefillSide(self.bus, self.subjects, self.transfer, self.instance_id, metrics,
                                             self.spawn, self.log)
@@ -176,7 +175,8 @@ class SchedulerService(Service):
     async def on_task(self, task: PrefillTask) -> None:
         """A prefill rank's task from a decode rank (no dispatcher run: the decode rank owns it)."""
         assert self.prefill_side is not None
-        msg = self.prefill_side.take_task(task)
+        refused = self._refusal(task.req)  # the checks a request from the dispatcher gets
+        msg = self.prefill_side.take_task(task, refused[0] if refused is not None else None)
         if msg is not None:
             self.inbox.add(msg)
 

@@ -49,16 +49,11 @@ class PrefillSide:
         self.tasks: dict[str, Task] = {}  # rid -> task, until its PrefillDone is sent
         self.accepted: list[int] = []  # dispatch ids of tasks taken since the last load report
 
-    def take_task(self, msg: PrefillTask) -> TokenizedRequest | None:
-        """The request to prefill, or None when this rank refuses the task (it answers at once)."""
+    def take_task(self, msg: PrefillTask, refusal: str | None = None) -> TokenizedRequest | None:
+        """The request to prefill, or None when this rank refuses the task (it answers at once);
+        `refusal`: the rank's own reason to refuse its request (bad sampling values, a full queue)."""
         rid = msg.req.rid
-        refusal = None
-        if msg.prefill_instance != self.instance_id:
-            refusal = f"the task was for instance {msg.prefill_instance} of this rank, which restarted"
-        elif rid in self.tasks:
-            refusal = f"a prefill task for rid {rid!r} is already in progress here"
-        elif not (0 < msg.tag < 1 << 31 and 0 <= msg.skip < len(msg.req.input_ids) and msg.nbytes >= 0):
-            refusal = f"bad task: tag {msg.tag}, skip {msg.skip} of {len(msg.req.input_ids)}, nbytes {msg.nbytes}"
+        refusal = refusal or self._refusal(msg)
         if refusal is not None:
             self.log.warning("refused prefill task rid=%s: %s", rid, refusal)
             self.spawn(self._answer(msg, ok=False, message=refusal))
@@ -66,6 +61,16 @@ class PrefillSide:
         self.tasks[rid] = Task(msg, self.transfer.sender(Peer("", msg.pair_key), msg.tag))
         self.accepted.append(msg.req.dispatch_id)
         return msg.req
+
+    def _refusal(self, msg: PrefillTask) -> str | None:
+        rid = msg.req.rid
+        if msg.prefill_instance != self.instance_id:
+            return f"the task was for instance {msg.prefill_instance} of this rank, which restarted"
+        if rid in self.tasks:
+            return f"a prefill task for rid {rid!r} is already in progress here"
+        if not (0 < msg.tag < 1 << 31 and 0 <= msg.skip < len(msg.req.input_ids) and msg.nbytes >= 0):
+            return f"bad task: tag {msg.tag}, skip {msg.skip} of {len(msg.req.input_ids)}, nbytes {msg.nbytes}"
+        return None
 
     def mark(self, reqs: list[Req]) -> None:
         """The requests entering the engine that are tasks end at their first token and ship their rows."""
