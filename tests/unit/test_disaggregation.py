@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 from services.dispatcher.disaggregation import Disaggregation, DisaggregationConfig
 from services.dispatcher.loads import RankState
 from services.gateway.metrics import GatewayMetrics
+from services.scheduler.disagg.decode_side import PREFILL_INSTANCES, DecodeSide
 from services.scheduler.disagg.metrics import DisaggMetrics
 from services.scheduler.disagg.prefill_side import PrefillSide
 from services.scheduler.disagg.transfer import FakeTransferEngine, GlooTransferEngine, KVPoll, Peer
@@ -201,6 +206,38 @@ def test_gloo_receiver_fails_when_no_prefill_rank_listens() -> None:
         decode.close()
 
 
+def test_a_prefill_rank_drops_the_pair_of_a_decode_rank_that_died() -> None:
+    """Both ends keep a canary receive posted: when the decode rank's process dies, the prefill
+    rank's end breaks and is dropped (it keeps no gloo group of a decode rank that died)."""
+    prefill = GlooTransferEngine("prefill", timeout_s=20)
+    peer = Peer("", "d9-p1-0")
+    script = ("import sys, time\n"
+              "from services.scheduler.disagg.transfer import GlooTransferEngine, Peer\n"
+              "d = GlooTransferEngine('decode', timeout_s=20)\n"
+              "d.connect(Peer(sys.argv[1], 'd9-p1-0'))\n"
+              "d._pairs['d9-p1-0'].result(timeout=20)\n"
+              "print('connected', flush=True)\n"
+              "time.sleep(120)\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", script, prefill.bootstrap_addr], stdout=subprocess.PIPE, cwd=root)
+    try:
+        prefill.connect(peer)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"connected"
+        prefill._pairs[peer.key].result(timeout=20)
+        assert prefill.broken(peer) == ""
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while not prefill.broken(peer):
+            assert time.monotonic() < deadline, "the prefill rank never saw the decode rank die"
+            time.sleep(0.05)
+        assert "the decode rank's end of the pair closed" in prefill.broken(peer)
+        assert peer.key not in prefill._pairs
+    finally:
+        proc.kill()
+        prefill.close()
+
+
 class socket_port:
     """A port nothing listens on (bound, never listening)."""
 
@@ -307,6 +344,7 @@ def test_prefill_side_refuses_bad_or_stale_tasks_and_answers_each() -> None:
         assert side.take_task(task(prefill_instance="old")) is None  # meant for a restarted instance
         assert side.take_task(task(tag=-1)) is None
         assert side.take_task(task(skip=40)) is None
+        assert side.take_task(task(), "the rank's own checks of the request failed") is None
         assert side.take_task(task()) is req  # taken: the engine prefills it
         assert side.take_task(task()) is None  # the same rid again
         assert side.take_report() == [7]
@@ -315,9 +353,10 @@ def test_prefill_side_refuses_bad_or_stale_tasks_and_answers_each() -> None:
 
     bus = asyncio.run(scenario())
     dones = bus.of(PrefillDone)
-    assert [d.ok for d in dones] == [False] * 4
+    assert [d.ok for d in dones] == [False] * 5
     assert all(subject == Subjects().sched_kv(1) for subject, _ in bus.sent)
-    assert "restarted" in dones[0].message and "bad task" in dones[1].message and "already" in dones[3].message
+    assert "restarted" in dones[0].message and "bad task" in dones[1].message and "already" in dones[4].message
+    assert dones[3].message == "the rank's own checks of the request failed"
 
 
 def test_a_constrained_request_keeps_its_grammar_across_the_move(rig: Rig) -> None:
@@ -331,3 +370,41 @@ def test_a_constrained_request_keeps_its_grammar_across_the_move(rig: Rig) -> No
     done = finish(decode, early)
     assert done["g"].all_ids == colocated["g"].all_ids
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", rig.tokenizer.decode(done["g"].all_ids, skip_special_tokens=True))
+
+
+def test_a_decode_rank_fails_a_prefill_instance_only_when_its_own_reports_stop(rig: Rig) -> None:
+    """Reports of other instances for the prefill rank (forged ones, a flood of them) leave the
+    transfer waiting; the named instance falling silent fails it, and the request is prefilled here."""
+    dead_after = 0.3
+
+    def report(instance: str) -> LoadReport:
+        return LoadReport(dp_rank=1, seq=1, timestamp=0.0, holding_tokens=0, num_running=0, num_waiting=0, kv_used=0,
+                          kv_total=10, instance_id=instance, mode="prefill", bootstrap_addr="127.0.0.1:1")
+
+    async def scenario() -> tuple[FakeBus, Engine, DecodeSide, Req]:
+        bus, engine = FakeBus(), rig.engine()
+        side = DecodeSide(bus, Subjects(), FakeTransferEngine("decode"), engine, 0, "dec", timeout_s=60,
+                          dead_after_s=dead_after, min_prompt_tokens=16, metrics=DisaggMetrics(0, "decode"),
+                          wake=lambda: None, log=logging.getLogger("test"))
+        await side.on_load(report("live"))
+        msg = TokenizedRequest(rid="r", gateway_id="g", input_ids=list(range(20, 84)), prefill_dp_rank=1,
+                               prefill_bootstrap="127.0.0.1:1", prefill_instance="live")
+        req = Req.from_msg(msg)
+        await side.add(req, msg)
+        assert [t.prefill_instance for t in bus.of(PrefillTask)] == ["live"]
+        for i in range(2 * PREFILL_INSTANCES):  # more forged instances than it remembers
+            await side.on_load(report(f"forged{i}"))
+            if i % 100 == 0:
+                await side.on_load(report("live"))
+        assert len(side.heard) == PREFILL_INSTANCES
+        return bus, engine, side, req
+
+    bus, engine, side, req = asyncio.run(scenario())
+    assert side.poll() == [] and req.rid in engine.transferring  # still waiting for its rows
+    side.heard["live"] = time.monotonic()
+    time.sleep(dead_after + 0.1)  # "live" says nothing more
+    assert side.poll() == [] and req.rid not in engine.transferring
+    assert side.metrics.failures["prefill_rank_lost"] == 1
+    done = run(engine, [])
+    assert done[req.rid].finish is not None and engine.kv_used == 0
+    engine.assert_idle_invariants()
