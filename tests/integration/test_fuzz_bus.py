@@ -27,6 +27,8 @@ from shared.messages import (
     FinishReason,
     GenerateRequest,
     LoadReport,
+    PrefillDone,
+    PrefillTask,
     RankAssignment,
     RankHello,
     RequestError,
@@ -38,7 +40,8 @@ from shared.messages import (
     TokenOutput,
 )
 from shared.subjects import Subjects
-from tests.integration.client import generate, get
+from tests.integration.client import generate, get, post
+from tests.integration.test_disaggregation import metric, wait_metric
 
 N_MESSAGES = 10_000
 FORGER = "f0rged00"
@@ -121,10 +124,11 @@ def garbage(rng: random.Random, valid: list[bytes]) -> bytes:
     return rng.choice(valid)  # valid msgpack of (usually) the wrong type for the subject
 
 
-async def flood(nats_url: str, subjects: list[str], gateway_id: str) -> int:
+async def flood(nats_url: str, subjects: list[str], gateway_id: str, more_valid: list[msgspec.Struct] | None = None,
+                more_nonsense: list[msgspec.Struct] | None = None) -> int:
     rng = random.Random(1234)
-    valid = [msgspec.msgpack.encode(m) for m in valid_messages(gateway_id)]
-    nonsense = [msgspec.msgpack.encode(m) for m in bad_values(gateway_id)]
+    valid = [msgspec.msgpack.encode(m) for m in [*valid_messages(gateway_id), *(more_valid or [])]]
+    nonsense = [msgspec.msgpack.encode(m) for m in [*bad_values(gateway_id), *(more_nonsense or [])]]
     nc = await nats.connect(nats_url)
     sent = 0
     for subject in subjects:  # every bad-value message on every subject
@@ -221,3 +225,105 @@ async def test_bus_fuzz_loses_nothing(server: Any, nats_url: str) -> None:
     status, info = get(server.url + "/get_server_info")
     assert status == 200
     assert [(st["dp_rank"], st["live"]) for st in info["internal_states"]] == [(0, True), (1, True)]
+
+
+# --- a disaggregated deployment: the prefill and KV subjects too ----------------------------------
+
+PD_PREFIX = "pdfuzz"
+PREFILL, DECODE = 1, 0  # global DP ranks of `--prefill-dp-size 1 --decode-dp-size 1`
+
+
+@pytest.fixture(scope="module")
+def pd_server(server_factory: Any, nats_url: str) -> Any:
+    return server_factory("--nats-url", nats_url, "--nats-subject-prefix", PD_PREFIX, "--prefill-dp-size", "1",
+                          "--decode-dp-size", "1", "--disaggregation-min-prompt-tokens", "64")
+
+
+def pd_messages(gateway_id: str, prefill_instance: str) -> tuple[list[msgspec.Struct], list[msgspec.Struct]]:
+    """(valid, nonsense) for the prefill rank's tasks and the decode rank's PrefillDones: tasks for
+    a stale instance, with bad tags, skips, sizes or tokens (refused, or answered not ok once the
+    rows turn out to be another size); PrefillDones for nobody's request; a forged prefill rank's
+    report, which must not make the decode rank give up on the real one."""
+    req = TokenizedRequest(rid="pd-forged", gateway_id=gateway_id, input_ids=list(range(20, 120)), dispatch_id=2**40)
+
+    def task(**kw: Any) -> PrefillTask:
+        return PrefillTask(**({"req": req, "decode_dp_rank": DECODE, "pair_key": "nobody", "tag": 5, "skip": 0,
+                               "nbytes": 0, "prefill_instance": "stale"} | kw))
+
+    out = TokenOutput(rid="ghost", gateway_id=gateway_id, seq=0, ids=[1], num_new=1, prompt_tokens=1, completion_tokens=1)
+    valid = [task(), PrefillDone(rid="ghost", tag=3, ok=True, pair_key="nobody", nbytes=64, output=out, rng_state=b"x")]
+    nonsense = [
+        task(decode_dp_rank=-9),
+        *(task(prefill_instance=prefill_instance, **kw) for kw in (
+            {"tag": 0}, {"tag": -3}, {"tag": 2**40}, {"skip": -1}, {"skip": 100}, {"nbytes": -1})),
+        task(prefill_instance=prefill_instance, req=TokenizedRequest(rid="pd-bad-ids", gateway_id=gateway_id,
+                                                                     input_ids=[-5, 2**40]), nbytes=8),
+        task(prefill_instance=prefill_instance, req=TokenizedRequest(rid="pd-nan", gateway_id=gateway_id, input_ids=[5, 6],
+                                                                     sampling=SamplingParams(temperature=math.nan))),
+        task(prefill_instance=prefill_instance, req=TokenizedRequest(rid="pd-bad-size", gateway_id=gateway_id,
+                                                                     input_ids=list(range(20, 120))), nbytes=7),
+        PrefillDone(rid="ghost", tag=1, ok=True, pair_key="nobody", nbytes=2**50),
+        PrefillDone(rid="ghost", tag=-1, ok=True, nbytes=-1, rng_state=b"junk", output=out),
+        PrefillDone(rid="ghost", tag=0, ok=False, message="forged"),
+        LoadReport(dp_rank=PREFILL, seq=2**40, timestamp=1.0, holding_tokens=0, num_running=0, num_waiting=0,
+                   kv_used=0, kv_total=10, instance_id=FORGER, mode="prefill", bootstrap_addr="203.0.113.1:1"),
+    ]
+    return valid, nonsense
+
+
+@pytest.mark.slow
+async def test_bus_fuzz_of_a_disaggregated_deployment_ships_every_prompt(pd_server: Any, nats_url: str) -> None:
+    server = pd_server
+    gateway_id = re.search(r"gateway_id=(\w+)", server.log()).group(1)  # type: ignore[union-attr]
+    instances = live_instances(server.url)  # the prefill rank too: until it reports, prompts stay on the decode rank
+    prompts = [[20 + (k * 131 + i * 37 + i * i) % 900 for i in range(200)] for k in range(6)]  # each is shipped
+    solo = [generate(server.url, input_ids=p, sampling_params=GREEDY)["output_ids"] for p in prompts]
+    remote = wait_metric(server.url, "dpserve:prefill_requests_total", len(prompts), mode="decode", where="remote")
+    assert remote == len(prompts)
+    flushed = server.log().count("flush_cache freed=")
+    assert post(server.url + "/flush_cache", {})[0] == 200  # so the decode rank has none of them cached
+    deadline = time.monotonic() + 20
+    while server.log().count("flush_cache freed=") < flushed + 2:
+        assert time.monotonic() < deadline, "the ranks did not flush their caches"
+        time.sleep(0.05)
+
+    s = Subjects(PD_PREFIX)
+    valid, nonsense = pd_messages(gateway_id, instances[PREFILL])
+    subjects = [s.sched_prefill(PREFILL), s.sched_kv(DECODE), s.sched_prefill(DECODE), s.sched_kv(PREFILL),
+                s.sched_req(DECODE), s.load(PREFILL), s.load(DECODE), s.dispatch, s.detok, s.sched_control,
+                s.metrics, s.rank_register, s.dispatcher_loads]
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        running = [loop.run_in_executor(pool, lambda p=p: generate(server.url, input_ids=p, sampling_params=GREEDY))
+                   for p in prompts]
+        sent = await flood(nats_url, subjects, gateway_id, valid, nonsense)
+        results = await asyncio.gather(*running)
+    assert sent >= N_MESSAGES
+    assert [r["output_ids"] for r in results] == solo
+    # every one was shipped again: the forged prefill rank's report made the decode rank give up on none
+    log = server.log()
+    assert "prefilled locally" not in log, log[-3000:]
+    assert wait_metric(server.url, "dpserve:prefill_requests_total", 2 * len(prompts), mode="decode",
+                       where="remote") == 2 * len(prompts)
+    assert "refused prefill task rid=pd-forged" in log and "bad task: tag 0" in log
+    assert "the decode rank expects 7 KV bytes" in log  # prefilled, then answered not ok
+    assert "refused prefill task rid=pd-nan: sampling parameters must be finite" in log  # the checks of a dispatched request
+
+    time.sleep(1.0)
+    assert server.proc.poll() is None and "exited code" not in log and "forward failed" not in log
+    drops = [line for line in server.log().splitlines() if "dropped undecodable message" in line]
+    assert sum("scheduler" in line for line in drops) >= 2  # both ranks' subscriptions dropped garbage
+    # a new long prompt is still shipped, and every rank goes back to idle with the same instance
+    fresh = [20 + (i * 53) % 900 for i in range(300)]
+    before = metric(server.url, "dpserve:prefill_requests_total", mode="decode", where="remote")
+    generate(server.url, input_ids=fresh, sampling_params=GREEDY)
+    assert wait_metric(server.url, "dpserve:prefill_requests_total", before + 1, mode="decode", where="remote") > before
+    deadline = time.monotonic() + 10
+    while True:
+        ranks = {r["dp_rank"]: r for r in get(server.url + "/get_loads")[1]["ranks"]}
+        if all(r["kv_used"] == 0 and r["num_running"] == 0 for r in ranks.values()):
+            break
+        assert time.monotonic() < deadline, ranks
+        time.sleep(0.2)
+    assert {k: r["instance_id"] for k, r in ranks.items()} == instances
+    assert all(r["status"] == "live" for r in ranks.values())
