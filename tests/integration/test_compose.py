@@ -1,14 +1,16 @@
-"""docker-compose.yml, run without Docker: every service's command and environment as local processes.
+"""The compose files, run without Docker: every service's command and environment as local processes.
 
 The nats image becomes a local nats-server, the image's model path the tiny model, and each gateway
-replica gets its own port (compose maps a host port range onto the same container port). Services
-run at the scaled counts `--scale tokenizer=3 --scale detokenizer=2 --scale gateway=2`, schedulers
-at their `deploy.replicas`, and each service's health check command must pass.
+replica gets its own port (compose maps a host port range onto the same container port); `${VAR:-x}`
+takes its default. docker-compose.yml runs at the scaled counts `--scale tokenizer=3 --scale
+detokenizer=2 --scale gateway=2`, docker-compose.pd.yml (prefill/decode disaggregation) as written;
+schedulers at their `deploy.replicas`, and each service's health check command must pass.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,13 +24,15 @@ import yaml
 
 from services.launcher.supervisor import free_port, health_ok
 from tests.integration.client import generate, post
+from tests.integration.test_disaggregation import metric, wait_metric
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALE = {"tokenizer": 3, "detokenizer": 2, "gateway": 2}
 
 
-def compose() -> dict[str, Any]:
-    return dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+def compose(name: str = "docker-compose.yml") -> dict[str, Any]:
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m[2], (ROOT / name).read_text())
+    return dict(yaml.safe_load(text))
 
 
 def local(argv: list[str]) -> list[str]:
@@ -49,19 +53,35 @@ def test_compose_file_shape() -> None:
     assert high - low + 1 >= SCALE["gateway"]  # scaled gateways need distinct host ports
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model: Path, nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    services = compose()["services"]
-    log = open(tmp_path_factory.mktemp("compose") / "log", "wb")
+def test_pd_compose_file_shape() -> None:
+    services = compose("docker-compose.pd.yml")["services"]
+    sides = {name: svc for name, svc in services.items() if "DPSERVE_DISAGGREGATION_MODE" in svc.get("environment", {})}
+    assert {name: svc["environment"]["DPSERVE_DISAGGREGATION_MODE"] for name, svc in sides.items()} == {
+        "prefill-scheduler": "prefill", "decode-scheduler": "decode"}
+    ranks = sum(svc["deploy"]["replicas"] for svc in sides.values())
+    for name, svc in services.items():
+        if name == "nats":
+            continue
+        assert int(svc["environment"]["DPSERVE_DP_SIZE"]) == ranks, name  # every service counts both sides
+    for svc in sides.values():
+        assert svc["command"] == ["python", "-m", "services.scheduler"]
+        assert svc["environment"]["DPSERVE_DP_RANK"] == "-1"
+
+
+def run_compose(file: str, scale: dict[str, int], model: Path, nats_url: str, log_dir: Path,
+                extra_env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    services = compose(file)["services"]
+    log = open(log_dir / "log", "wb")
     procs: list[subprocess.Popen[bytes]] = []
     envs: dict[str, list[dict[str, str]]] = {}
     for name, svc in services.items():
         if name == "nats":
             continue
-        count = SCALE.get(name, svc.get("deploy", {}).get("replicas", 1))
+        count = scale.get(name, svc.get("deploy", {}).get("replicas", 1))
         for _ in range(count):
             env = {k: str(v) for k, v in svc["environment"].items()}
-            env |= {"DPSERVE_NATS_URL": nats_url, "DPSERVE_MODEL_PATH": str(tiny_model), "DPSERVE_TORCH_THREADS": "1"}
+            env |= {"DPSERVE_NATS_URL": nats_url, "DPSERVE_MODEL_PATH": str(model), "DPSERVE_TORCH_THREADS": "1"}
+            env |= extra_env
             if name == "gateway":
                 env |= {"DPSERVE_HOST": "127.0.0.1", "DPSERVE_PORT": str(free_port())}
             envs.setdefault(name, []).append(env)
@@ -77,6 +97,32 @@ def deployment(tiny_model: Path, nats_url: str, tmp_path_factory: pytest.TempPat
     for p in procs:
         p.wait(30)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model: Path, nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from run_compose("docker-compose.yml", SCALE, tiny_model, nats_url, tmp_path_factory.mktemp("compose"), {})
+
+
+@pytest.fixture(scope="module")
+def pd_deployment(tiny_model: Path, nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    # the same bus as `deployment`, under its own subjects
+    yield from run_compose("docker-compose.pd.yml", {}, tiny_model, nats_url, tmp_path_factory.mktemp("compose-pd"),
+                           {"DPSERVE_NATS_SUBJECT_PREFIX": "pd"})
+
+
+def health_checks_pass(deployment: dict[str, Any]) -> None:
+    deadline = time.monotonic() + 60  # every scheduler replica registered and reporting
+    for name, envs in deployment["envs"].items():
+        test = deployment["services"][name]["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        for env in envs:
+            while True:
+                rc = subprocess.run(local(test[1:]), env=os.environ | env, cwd=ROOT, timeout=30).returncode
+                if rc == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert rc == 0, f"health check of {name} failed"
 
 
 @pytest.mark.slow
@@ -99,14 +145,22 @@ def test_scaled_compose_serves(deployment: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_compose_health_checks_pass(deployment: dict[str, Any]) -> None:
-    deadline = time.monotonic() + 60  # both scheduler replicas registered and reporting
-    for name, envs in deployment["envs"].items():
-        test = deployment["services"][name]["healthcheck"]["test"]
-        assert test[0] == "CMD"
-        for env in envs:
-            while True:
-                rc = subprocess.run(local(test[1:]), env=os.environ | env, cwd=ROOT, timeout=30).returncode
-                if rc == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert rc == 0, f"health check of {name} failed"
+    health_checks_pass(deployment)
+
+
+@pytest.mark.slow
+def test_pd_compose_ships_long_prompts_and_answers_as_colocated(deployment: dict[str, Any],
+                                                                 pd_deployment: dict[str, Any]) -> None:
+    """A long prompt is prefilled on the prefill replica and its KV shipped to a decode replica; a
+    short one is prefilled where it decodes; both answer as the colocated deployment does."""
+    (url,) = pd_deployment["urls"]
+    params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+    long = [20 + (i * 37 + i * i) % 900 for i in range(600)]  # over --disaggregation-min-prompt-tokens (256)
+    short = long[:40]
+    for prompt, where in ((long, "remote"), (short, "local")):
+        before = metric(url, "dpserve:prefill_requests_total", mode="decode", where=where)
+        out = generate(url, input_ids=prompt, sampling_params=params)
+        assert out["output_ids"] == generate(deployment["urls"][0], input_ids=prompt, sampling_params=params)["output_ids"]
+        assert wait_metric(url, "dpserve:prefill_requests_total", before + 1, mode="decode", where=where) == before + 1
+    assert metric(url, "dpserve:kv_transfer_bytes_total", mode="prefill") > 0
+    health_checks_pass(pd_deployment)
