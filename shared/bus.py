@@ -91,7 +91,13 @@ class Bus:
         return cls(nc, name)
 
     async def publish(self, subject: str, msg: msgspec.Struct) -> None:
-        await self.nc.publish(subject, encode(msg))
+        """Publishes `msg`; one addressed from bad input (a gateway id that makes no subject) is
+        dropped and logged, not raised into the handler that answers it."""
+        try:
+            await self.nc.publish(subject, encode(msg))
+        except nats.errors.BadSubjectError:
+            if self.drop_log.should_log("bad subject"):
+                log.warning("dropped a %s to the invalid subject %r", type(msg).__name__, subject[:200])
 
     async def subscribe(
         self, subject: str, kind: type[T], handler: Handler[T], queue: str = ""
