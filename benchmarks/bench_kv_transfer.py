@@ -7,10 +7,12 @@ Per backend, two fresh processes: a decode worker (it listens on a control socke
 NATS) and a prefill worker that drives. Payloads: SmolLM2-135M's float32 KV per token is 30 layers x
 2 x 3 kv heads x 64 x 4 bytes = 46,080 bytes, so --tokens 256, 2048, 8192 are 11.8, 94 and 377 MB;
 a 64 KiB payload first shows the fixed cost. One transfer, as the prefill worker times it:
-  gloo      the decode side posts `engine.receiver(peer, tag, nbytes)` (its buffer allocated then,
-            as a decode rank does when it reserves the prompt) and says so; t0; the prefill side
-            calls `engine.sender(peer, tag).send(rows)`; the decode side's receiver reaches SUCCESS
-            and it says so; t1 when that word arrives.
+  gloo      the decode side posts `engine.receiver(peer, tag, nbytes)` and says so; t0; the prefill
+            side calls `engine.sender(peer, tag).send(rows)`; the decode side's receiver reaches
+            SUCCESS and it says so; t1 when that word arrives. The decode side releases each
+            receiver before posting the next, as a decode rank does once it installed the rows, so
+            the engine receives into a kept buffer; "gloo, fresh buffers" never releases (a new
+            buffer per receive, its pages faulted in by the receive itself).
   mooncake  both sides registered one buffer of the largest payload at start (as a KV pool would be
             registered once); the decode side sent its session id and buffer address; t0;
             `transfer_sync_write(session, src, dst, nbytes)` (P2PHANDSHAKE metadata, no etcd; since
@@ -146,6 +148,8 @@ def gloo_decode(_: Plan) -> dict[str, Any]:
     last = None
     while (msg := control.recv())["op"] != "bye":
         if msg["op"] == "post":
+            if last is not None and not os.environ.get("BENCH_GLOO_FRESH"):
+                engine.release(last)  # as a decode rank does once it installed the rows
             last = engine.receiver(peer, msg["tag"], msg["nbytes"])
             control.send(op="ready")
             if last.result.result(timeout=WORKER_TIMEOUT_S) != KVPoll.SUCCESS:
@@ -437,7 +441,7 @@ def main() -> None:
 
     pythons = {"gloo": sys.executable, "mooncake": args.python_mooncake, "nixl": args.python_nixl}
     variants: dict[str, list[tuple[str, dict[str, str]]]] = {  # (label, the workers' extra environment)
-        "gloo": [("gloo", {})],
+        "gloo": [("gloo", {}), ("gloo, fresh buffers", {"BENCH_GLOO_FRESH": "1"})],
         "mooncake": [("mooncake tcp", {})],
         "nixl": [(f"nixl UCX_TLS={tls}", {"UCX_TLS": tls}) for tls in args.nixl_ucx_tls.split(",")],
     }

@@ -195,6 +195,32 @@ def test_gloo_pair_ships_rows_between_two_engines() -> None:
         decode.close()
 
 
+def test_a_decode_rank_receives_into_a_released_buffer_again() -> None:
+    prefill = GlooTransferEngine("prefill", timeout_s=20)
+    decode = GlooTransferEngine("decode", timeout_s=20)
+    try:
+        peer = Peer(prefill.bootstrap_addr, "d2-p2-0")
+
+        def ship(tag: int, rows: torch.Tensor) -> Any:
+            rx = decode.receiver(peer, tag, rows.numel() * rows.element_size())
+            prefill.sender(Peer("", peer.key), tag).send(rows)
+            assert rx.result.result(timeout=20) == KVPoll.SUCCESS, rx.error
+            assert torch.equal(rx.buffer.view(rows.dtype).view(rows.shape), rows)
+            return rx
+
+        first = ship(1, torch.randn(4, 300, 8))
+        storage = first.base.data_ptr()
+        decode.release(first)
+        assert first.buffer.numel() == 0  # the receiver gave its buffer up
+        second = ship(2, torch.randn(4, 200, 8))  # smaller: the same storage, and its own bytes in it
+        assert second.base.data_ptr() == storage and second.buffer.numel() == 4 * 200 * 8 * 4
+        third = ship(3, torch.randn(4, 100, 8))  # the buffer is still the second's: a new one
+        assert third.base.data_ptr() != storage
+    finally:
+        prefill.close()
+        decode.close()
+
+
 def test_gloo_receiver_fails_when_no_prefill_rank_listens() -> None:
     decode = GlooTransferEngine("decode", timeout_s=2)
     try:
@@ -202,6 +228,8 @@ def test_gloo_receiver_fails_when_no_prefill_rank_listens() -> None:
             rx = decode.receiver(Peer(f"127.0.0.1:{port}", "k"), 1, 16)
             assert rx.result.result(timeout=30) == KVPoll.FAILED
             assert "failed" in rx.error
+            decode.release(rx)  # a failed receive's buffer is not kept: its gloo operation may not be over
+            assert decode._kept_buffer(1) is None
     finally:
         decode.close()
 

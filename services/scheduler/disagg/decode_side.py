@@ -158,6 +158,7 @@ class DecodeSide:
                 assert p.done is not None and p.done.output is not None
                 outputs += self.engine.install_remote(p.req, p.rx.buffer, p.skip, p.done.output, p.done.rng_state,
                                                       p.done.cached_tokens)
+                self.transfer.release(p.rx)
                 self.metrics.prefills["remote"] += 1
                 self.metrics.bytes += p.rx.nbytes
                 self.metrics.tokens += len(p.req.input_ids) - p.skip
