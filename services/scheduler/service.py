@@ -250,7 +250,7 @@ class SchedulerService(Service):
                 await self.decode_side.add(req, msg)
             else:
                 self.engine.add(req)
-        installed = self.decode_side.poll() if self.decode_side is not None else []
+        installed = await self.decode_side.poll() if self.decode_side is not None else []
         await self.emit(installed)  # the first tokens of requests a prefill rank prefilled
         for rid in inputs.aborts:
             if self.engine.abort(rid) is not None:

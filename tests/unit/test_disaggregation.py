@@ -428,11 +428,69 @@ def test_a_decode_rank_fails_a_prefill_instance_only_when_its_own_reports_stop(r
         return bus, engine, side, req
 
     bus, engine, side, req = asyncio.run(scenario())
-    assert side.poll() == [] and req.rid in engine.transferring  # still waiting for its rows
-    side.heard["live"] = time.monotonic()
+    assert asyncio.run(side.poll()) == [] and req.rid in engine.transferring  # still waiting for its rows
+    side.heard["live"].seen = time.monotonic()
+    for instance in list(side.heard):  # the forged instances fall silent too: no other prefill rank to try
+        side.heard[instance].seen -= 10
+    side.heard["live"].seen = time.monotonic()
     time.sleep(dead_after + 0.1)  # "live" says nothing more
-    assert side.poll() == [] and req.rid not in engine.transferring
+    assert asyncio.run(side.poll()) == [] and req.rid not in engine.transferring
     assert side.metrics.failures["prefill_rank_lost"] == 1
     done = run(engine, [])
     assert done[req.rid].finish is not None and engine.kv_used == 0
     engine.assert_idle_invariants()
+
+
+def test_a_failed_prefill_rank_is_retried_once_on_another_then_the_decode_rank_prefills(rig: Rig) -> None:
+    """A refusal (or a broken pair, or a silent rank) sends the task once more, to the least loaded
+    other live prefill instance, with the reservation kept; a second failure prefills here. A
+    timeout is never retried: its budget is the whole wait."""
+
+    def report(dp_rank: int, instance: str, holding: int) -> LoadReport:
+        return LoadReport(dp_rank=dp_rank, seq=1, timestamp=0.0, holding_tokens=holding, num_running=0, num_waiting=0,
+                          kv_used=0, kv_total=10, instance_id=instance, mode="prefill",
+                          bootstrap_addr=f"127.0.0.1:{dp_rank}")
+
+    async def scenario() -> None:
+        bus, engine = FakeBus(), rig.engine()
+        side = DecodeSide(bus, Subjects(), FakeTransferEngine("decode"), engine, 0, "dec", timeout_s=60,
+                          dead_after_s=30, min_prompt_tokens=16, metrics=DisaggMetrics(0, "decode"),
+                          wake=lambda: None, log=logging.getLogger("test"))
+        for dp_rank, instance, holding in ((1, "p1", 0), (2, "p2", 500), (3, "p3", 100)):
+            await side.on_load(report(dp_rank, instance, holding))
+        msg = TokenizedRequest(rid="r", gateway_id="g", input_ids=list(range(20, 84)), prefill_dp_rank=1,
+                               prefill_bootstrap="127.0.0.1:1", prefill_instance="p1")
+        req = Req.from_msg(msg)
+        await side.add(req, msg)
+        slots = engine.kv_used
+
+        async def refuse() -> PrefillTask:
+            (subject, task), = bus.take()
+            await side.on_done(PrefillDone(rid="r", tag=task.tag, ok=False, message="busy", pair_key=task.pair_key))
+            return task
+
+        first = await refuse()
+        assert first.prefill_instance == "p1" and await side.poll() == []
+        (subject, second), = bus.sent  # p3: the least loaded of the others
+        assert subject == Subjects().sched_prefill(3) and second.prefill_instance == "p3"
+        assert (second.skip, second.nbytes) == (first.skip, first.nbytes) and second.tag != first.tag
+        assert req.rid in engine.transferring and engine.kv_used == slots  # the reservation kept
+        await refuse()
+        assert await side.poll() == [] and bus.sent == []  # no third rank tried
+        assert req.rid not in engine.transferring
+        assert side.metrics.failures["refused"] == 2 and side.metrics.retries == 1
+        assert side.metrics.prefills["local"] == 1
+        done = run(engine, [])
+        assert done["r"].finish is not None and engine.kv_used == 0
+
+        # a timeout is not retried, though other prefill ranks are live
+        side.timeout_s = 0.0
+        msg2 = TokenizedRequest(rid="t", gateway_id="g", input_ids=list(range(100, 164)), prefill_dp_rank=1,
+                                prefill_bootstrap="127.0.0.1:1", prefill_instance="p1")
+        late = Req.from_msg(msg2)
+        await side.add(late, msg2)
+        bus.take()
+        assert await side.poll() == [] and bus.sent == [] and late.rid not in engine.transferring
+        assert side.metrics.failures["timeout"] == 1 and side.metrics.retries == 1
+
+    asyncio.run(scenario())

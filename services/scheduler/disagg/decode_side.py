@@ -2,10 +2,12 @@
 (after this rank's own prefix match), start the pair and send the PrefillTask; when the PrefillDone
 says the rows are coming, post their receive; once they are in, install them and decode on.
 
-Whatever goes wrong (the prefill rank is unknown, restarted or dead, the pair broke, the task was
-refused, `--disaggregation-transfer-timeout` passed) the reserved slots are freed and the request
-is prefilled here instead, so nothing hangs and nothing leaks. A failed pair is never reused: the
-next task to that prefill rank names a new one.
+When the rows will not come from that prefill rank (it stopped reporting, the pair broke, the task
+was refused) and the transfer timeout has time left, the task goes once more, to another live
+prefill instance (the least loaded by its last report), keeping the reservation. Otherwise (no
+other prefill rank, a second failure, `--disaggregation-transfer-timeout` passed) the reserved
+slots are freed and the request is prefilled here instead, so nothing hangs and nothing leaks. A
+failed pair is never reused: the next task to that prefill rank names a new one.
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ from shared.subjects import Subjects
 
 TAGS = 1 << 31  # gloo tags are 32-bit
 PREFILL_INSTANCES = 1024  # prefill instances whose reports this rank remembers (forged ones must not grow it)
+RETRYABLE = ("transfer", "refused", "prefill_rank_lost")  # failures of one prefill rank, not of the request
+
+
+@dataclass
+class Heard:
+    report: LoadReport  # a prefill instance's last report
+    seen: float  # time.monotonic() it arrived
 
 
 @dataclass
 class Pending:
     req: Req
+    msg: TokenizedRequest  # what the dispatcher sent (a retry sends it to another prefill rank)
     prefill_dp_rank: int
     prefill_instance: str
     skip: int
@@ -41,6 +51,7 @@ class Pending:
     started: float  # time.monotonic() the task was sent
     done: PrefillDone | None = None
     rx: KVReceiver | None = None  # posted when the PrefillDone says the rows are coming
+    retried: bool = False  # a task went to a second prefill rank
 
 
 class DecodeSide:
@@ -59,7 +70,7 @@ class DecodeSide:
         self.metrics = metrics
         self.wake = wake  # thread-safe: the step loop runs again (an idle leader waits for input)
         self.log = log
-        self.heard: BoundedDict[str, float] = BoundedDict(PREFILL_INSTANCES)  # prefill instance -> its last report
+        self.heard: BoundedDict[str, Heard] = BoundedDict(PREFILL_INSTANCES)  # by prefill instance
         self.pending: dict[str, Pending] = {}
         self.tags = itertools.count(1)
         # prefill instance -> its current pair's generation; pair key -> the pair (rows of a request
@@ -71,7 +82,7 @@ class DecodeSide:
 
     async def on_load(self, report: LoadReport) -> None:
         if report.mode == "prefill" and report.instance_id:
-            self.heard[report.instance_id] = time.monotonic()
+            self.heard[report.instance_id] = Heard(report, time.monotonic())
 
     async def on_done(self, msg: PrefillDone) -> None:
         pending = self.pending.get(msg.rid)
@@ -99,8 +110,21 @@ class DecodeSide:
         lost (the dispatcher named it, having heard it; the pair's canary tells a dead one). Reports
         of other instances for its rank change nothing: a restarted rank's old instance stops
         reporting, and a forged report must not fail a live one."""
-        seen = self.heard.get(instance)
-        return seen is not None and time.monotonic() - seen > self.dead_after_s
+        heard = self.heard.get(instance)
+        return heard is not None and time.monotonic() - heard.seen > self.dead_after_s
+
+    def _another_prefill_rank(self, tried: str) -> LoadReport | None:
+        """The least loaded live prefill instance other than `tried`, by its last report (the
+        newest instance of each rank)."""
+        now = time.monotonic()
+        newest: dict[int, Heard] = {}
+        for instance, heard in self.heard.items():
+            rank = heard.report.dp_rank
+            if instance != tried and now - heard.seen <= self.dead_after_s and heard.report.bootstrap_addr and (
+                    rank not in newest or heard.seen > newest[rank].seen):
+                newest[rank] = heard
+        live = [h.report for h in newest.values()]
+        return min(live, key=lambda r: (r.holding_tokens + r.num_waiting, r.dp_rank)) if live else None
 
     async def add(self, req: Req, msg: TokenizedRequest) -> None:
         """A request with a prefill rank: reserved here and sent there; without one (or when that
@@ -124,16 +148,21 @@ class DecodeSide:
             self.engine.prefill_locally(req)
             self.metrics.prefills["local"] += 1
             return
-        key = self._pair_key(prefill_instance, addr)
         nbytes = (len(req.input_ids) - skip) * self.engine.pool.row_bytes()
-        tag = next(self.tags) % (TAGS - 1) + 1  # 0 is the pair's canary
-        peer = self.peers[key] = Peer(addr, key)
-        self.transfer.connect(peer)  # set up while the prefill rank works
-        self.pending[req.rid] = Pending(req, msg.prefill_dp_rank, prefill_instance, skip, tag, nbytes, peer,
-                                        time.monotonic())
-        task = PrefillTask(req=msg, decode_dp_rank=self.dp_rank, pair_key=key, tag=tag, skip=skip, nbytes=nbytes,
-                           prefill_instance=prefill_instance)
-        await self.bus.publish(self.subjects.sched_prefill(msg.prefill_dp_rank), task)
+        pending = Pending(req, msg, msg.prefill_dp_rank, prefill_instance, skip, 0, nbytes, Peer(addr, ""),
+                          time.monotonic())
+        await self._send_task(pending)
+
+    async def _send_task(self, p: Pending) -> None:
+        """Starts the pair with `p`'s prefill instance and sends it the task, under a new tag."""
+        key = self._pair_key(p.prefill_instance, p.peer.addr)
+        p.tag = next(self.tags) % (TAGS - 1) + 1  # 0 is the pair's canary
+        p.peer = self.peers[key] = Peer(p.peer.addr, key)
+        self.transfer.connect(p.peer)  # set up while the prefill rank works
+        self.pending[p.req.rid] = p
+        task = PrefillTask(req=p.msg, decode_dp_rank=self.dp_rank, pair_key=key, tag=p.tag, skip=p.skip,
+                           nbytes=p.nbytes, prefill_instance=p.prefill_instance)
+        await self.bus.publish(self.subjects.sched_prefill(p.prefill_dp_rank), task)
 
     def _pair_key(self, prefill_instance: str, addr: str) -> str:
         """The pair to use with that prefill instance: the current one, or a new one if it broke."""
@@ -144,9 +173,9 @@ class DecodeSide:
             key = f"{self.instance_id}-{prefill_instance}-{generation + 1}"
         return key
 
-    def poll(self) -> list[TokenOutput]:
-        """Installs the transfers that completed and prefills locally the ones that failed; the
-        outputs of the installed requests (their first token)."""
+    async def poll(self) -> list[TokenOutput]:
+        """Installs the transfers that completed, sends the failed ones to another prefill rank
+        once or prefills them here; the outputs of the installed requests (their first token)."""
         outputs: list[TokenOutput] = []
         now = time.monotonic()
         for rid, p in list(self.pending.items()):
@@ -170,8 +199,17 @@ class DecodeSide:
                 del self.pending[rid]
                 if reason == "timeout":  # the pair may be stuck: the next task starts a new one
                     self.generations[p.prefill_instance] = self.generations.get(p.prefill_instance, 0) + 1
-                self.engine.prefill_locally(p.req)
-                self._count_failure(reason, p.req, message)
+                retry = reason in RETRYABLE and not p.retried and now - p.started < self.timeout_s
+                other = self._another_prefill_rank(p.prefill_instance) if retry else None
+                if other is None:
+                    self.engine.prefill_locally(p.req)
+                    self._count_failure(reason, p.req, message)
+                    continue
+                self.metrics.failures[reason] += 1
+                self.metrics.retries += 1
+                self.log.warning("rid=%s sent to prefill rank %d instead: %s", rid, other.dp_rank, message)
+                await self._send_task(Pending(p.req, p.msg, other.dp_rank, other.instance_id, p.skip, 0, p.nbytes,
+                                              Peer(other.bootstrap_addr, ""), p.started, retried=True))
         return outputs
 
     def _failure(self, p: Pending, now: float) -> tuple[str, str] | None:

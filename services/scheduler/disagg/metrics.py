@@ -17,12 +17,14 @@ class DisaggMetrics:
         self.seconds = Histogram(TRANSFER_BUCKETS)  # prefill: rows handed over -> sent; decode: task -> installed
         self.prefills: Counter[str] = Counter()  # decode: where its prompts were prefilled (remote, local)
         self.failures: Counter[str] = Counter()  # why a transfer failed
+        self.retries = 0  # decode: tasks sent to a second prefill rank after the first failed
 
     def samples(self) -> list[Sample]:
         out = [
             Sample("dpserve:kv_transfer_bytes_total", self.bytes, self.labels),
             Sample("dpserve:kv_transfer_tokens_total", self.tokens, self.labels),
             *self.seconds.samples("dpserve:kv_transfer_seconds", self.labels),
+            Sample("dpserve:kv_transfer_retries_total", self.retries, self.labels),
         ]
         out += [Sample("dpserve:prefill_requests_total", n, self.labels | {"where": w}) for w, n in sorted(self.prefills.items())]
         out += [Sample("dpserve:kv_transfer_failures_total", n, self.labels | {"reason": r})
