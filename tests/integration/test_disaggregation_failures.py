@@ -16,6 +16,7 @@ out before anyone counts it dead, and a killed decode rank is dead (its request 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -223,3 +224,48 @@ def test_decode_rank_killed_while_decoding_a_shipped_prompt(server: Any) -> None
                        instance=prefill_instance) > shipped
     # the killed rank comes back (the launcher restarts it); nothing is held anywhere
     ready(server)
+
+
+def test_a_killed_prefill_ranks_task_goes_to_the_other_prefill_rank(server_factory: Any) -> None:
+    """Two prefill ranks (global 1 and 2), one decode rank (0): the prefill rank the dispatcher chose
+    is killed before it answers; the decode rank sends the task to the other prefill rank, keeping
+    its reservation, and the request is shipped from there, with the reference output."""
+    server = server_factory("--prefill-dp-size", "2", "--decode-dp-size", "1", "--disaggregation-min-prompt-tokens",
+                            "64", "--dead-rank-timeout", "5", "--heartbeat-interval", "0.1", "--request-timeout", "120",
+                            "--log-level", "debug")  # the dispatcher's debug line names the prefill rank it chose
+    wait_loads(server.url, "every rank live and idle", lambda ls: all(
+        r in ls and ls[r]["status"] == "live" and ls[r]["kv_used"] == 0 for r in (0, 1, 2)), 120)
+    expected = reference(server, 4, "pd-retry-ref")
+    pids = {1 + local: service_pids(server.proc.pid, "services.scheduler", disaggregation_mode="prefill",
+                                    dp_rank=str(local))[0] for local in (0, 1)}
+
+    def shipped(rank: int) -> float:
+        return metric(server.url, "dpserve:kv_transfer_bytes_total", mode="prefill", dp_rank=str(rank))
+
+    before = {rank: shipped(rank) for rank in pids}
+    for pid in pids.values():  # neither answers until the chosen one is dead
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(generate, server.url, input_ids=prompt(4), sampling_params=SHORT, rid="pd-retry",
+                                 timeout=60)
+            deadline = time.monotonic() + 10
+            while not (chosen := re.search(r"dispatch rid=pd-retry .* prefill=dp(\d+)", server.log())):
+                assert time.monotonic() < deadline, server.log()[-3000:]
+                time.sleep(0.05)
+            target = int(chosen[1])
+            other = 3 - target
+            os.kill(pids[target], signal.SIGKILL)
+            os.kill(pids[other], signal.SIGCONT)
+            out = future.result(timeout=60)
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert out["output_ids"] == expected
+    log = server.log()
+    assert re.search(rf"rid=pd-retry sent to prefill rank {other} instead: ", log), log[-3000:]
+    assert local_prefill_reason(server, "pd-retry") is None
+    assert wait_metric(server.url, "dpserve:kv_transfer_retries_total", 1, mode="decode") == 1
+    assert wait_metric(server.url, "dpserve:kv_transfer_bytes_total", before[other] + 1, mode="prefill",
+                       dp_rank=str(other)) > before[other]
