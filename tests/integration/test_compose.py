@@ -24,6 +24,7 @@ import yaml
 
 from services.launcher.supervisor import free_port, health_ok
 from tests.integration.client import generate, post
+from tests.integration.failures import wait_loads
 from tests.integration.test_disaggregation import metric, wait_metric
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +155,10 @@ def test_pd_compose_ships_long_prompts_and_answers_as_colocated(deployment: dict
     """A long prompt is prefilled on the prefill replica and its KV shipped to a decode replica; a
     short one is prefilled where it decodes; both answer as the colocated deployment does."""
     (url,) = pd_deployment["urls"]
+    ranks = int(pd_deployment["envs"]["gateway"][0]["DPSERVE_DP_SIZE"])
+    # every replica registered and reporting: until the prefill rank reports, prompts stay on decode ranks
+    wait_loads(url, "every rank live", lambda ls: sorted(r for r, v in ls.items() if v["status"] == "live")
+               == list(range(ranks)), 120)
     params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
     long = [20 + (i * 37 + i * i) % 900 for i in range(600)]  # over --disaggregation-min-prompt-tokens (256)
     short = long[:40]
